@@ -1,0 +1,1 @@
+"""Configuration: settings from the environment, example keys and the model catalog."""

@@ -1,0 +1,124 @@
+"""Settings of the orchestrator, read from the environment (and `.env`) with environs.
+
+Every process (web, workers, beat, CLI) builds one `Settings` with `load_settings()`. A value that
+must be given and is missing, or a value that does not parse, stops start-up with a
+`SettingsError` that names the variable. `.env.vllm.example` documents every variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from environs import Env, EnvError, EnvValidationError
+from marshmallow.validate import OneOf, Range
+
+ENGINES = ("vllm", "sglang", "sim")
+BACKENDS = ("process", "docker")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    auth_keys_file: Path
+    model_catalog_file: Path
+    runtime_type: str
+    runtime_backend: str
+    runtime_image: str | None
+    runtime_host: str
+    runtime_state_dir: Path
+    keep_runtimes_on_exit: bool
+    hf_home: Path
+    hf_token: str | None = field(repr=False)
+    idle_timeout_seconds: float
+    cold_start_hold_seconds: float
+    default_start_seconds: float
+    start_timeout_seconds: float
+    autoscale_interval_seconds: float
+    max_request_bytes: int
+    upstream_connect_timeout: float
+    upstream_read_timeout: float
+    upstream_pool_size: int
+    keys_reload_interval_seconds: float
+    registry_cache_seconds: float
+    log_level: str
+    log_json: bool
+
+
+def _read(env: Env) -> Settings:
+    # `env.x("NAME")` with no default raises when NAME is unset: that is how a required value
+    # stops start-up with its name.
+    return Settings(
+        redis_url=env.str("REDIS_URL"),
+        auth_keys_file=env.path("AUTH_KEYS_FILE"),
+        model_catalog_file=env.path(
+            "MODEL_CATALOG_FILE", REPO_ROOT / "config" / "models.example.json"
+        ),
+        runtime_type=env.str("RUNTIME_TYPE", "vllm", validate=OneOf(ENGINES)),
+        runtime_backend=env.str("RUNTIME_BACKEND", "docker", validate=OneOf(BACKENDS)),
+        runtime_image=env.str("RUNTIME_IMAGE", None) or None,
+        runtime_host=env.str("RUNTIME_HOST", "127.0.0.1"),
+        runtime_state_dir=env.path("RUNTIME_STATE_DIR", REPO_ROOT / "var" / "runtimes"),
+        keep_runtimes_on_exit=env.bool("KEEP_RUNTIMES_ON_EXIT", False),
+        hf_home=env.path("HF_HOME", Path.home() / ".cache" / "huggingface"),
+        hf_token=env.str("HF_TOKEN", None) or None,
+        idle_timeout_seconds=env.float("IDLE_TIMEOUT_SECONDS", 600.0, validate=Range(min=1)),
+        cold_start_hold_seconds=env.float(
+            "COLD_START_HOLD_SECONDS", 0.0, validate=Range(min=0, max=600)
+        ),
+        default_start_seconds=env.float("DEFAULT_START_SECONDS", 120.0, validate=Range(min=1)),
+        start_timeout_seconds=env.float("START_TIMEOUT_SECONDS", 1800.0, validate=Range(min=1)),
+        autoscale_interval_seconds=env.float(
+            "AUTOSCALE_INTERVAL_SECONDS", 5.0, validate=Range(min=0.2, max=300)
+        ),
+        max_request_bytes=env.int("MAX_REQUEST_BYTES", 8 * 1024 * 1024, validate=Range(min=1024)),
+        upstream_connect_timeout=env.float(
+            "UPSTREAM_CONNECT_TIMEOUT", 5.0, validate=Range(min=0.1)
+        ),
+        upstream_read_timeout=env.float("UPSTREAM_READ_TIMEOUT", 600.0, validate=Range(min=1)),
+        upstream_pool_size=env.int("UPSTREAM_POOL_SIZE", 1024, validate=Range(min=1)),
+        keys_reload_interval_seconds=env.float(
+            "KEYS_RELOAD_INTERVAL_SECONDS", 2.0, validate=Range(min=0.1, max=60)
+        ),
+        registry_cache_seconds=env.float(
+            "REGISTRY_CACHE_SECONDS", 0.5, validate=Range(min=0, max=10)
+        ),
+        log_level=env.str(
+            "LOG_LEVEL", "INFO", validate=OneOf(("DEBUG", "INFO", "WARNING", "ERROR"))
+        ),
+        log_json=env.bool("LOG_JSON", False),
+    )
+
+
+def load_settings(
+    environ: dict | None = None, env_file: str | os.PathLike | None = None
+) -> Settings:
+    """Build the settings from `environ` (default: the process environment) and a `.env` file.
+
+    A `.env` file fills only variables the environment does not already set.
+    """
+    if environ is not None:
+        # environs reads os.environ; a private copy keeps tests from leaking into each other.
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+    try:
+        env = Env(expand_vars=True)
+        if env_file is not None:
+            env.read_env(str(env_file), recurse=False, override=False)
+        elif environ is None:
+            env.read_env(str(REPO_ROOT / ".env"), recurse=False, override=False)
+        try:
+            return _read(env)
+        except (EnvError, EnvValidationError) as exc:
+            raise SettingsError(f"bad setting: {exc}") from None
+    finally:
+        if environ is not None:
+            os.environ.clear()
+            os.environ.update(saved)

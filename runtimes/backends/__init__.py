@@ -1,0 +1,1 @@
+"""Backends that run engine instances: `process` (child processes) and `docker` (containers)."""

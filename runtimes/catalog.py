@@ -1,0 +1,162 @@
+"""The model catalog: which models may be served, on which engine, with what arguments.
+
+The catalog is a JSON file (`MODEL_CATALOG_FILE`) of the form `{"models": [{...}, ...]}`. An entry
+that leaves out `engine` runs on the default engine (`RUNTIME_TYPE`), so one catalog serves a GPU
+box (vLLM) and a laptop (sim) alike; `engine_args` holds the arguments per engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+ENGINES = ("vllm", "sglang", "sim")
+
+
+class CatalogError(ValueError):
+    """The catalog file is unreadable or an entry is malformed; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    engine: str
+    gpus: int = 1
+    image: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    hf_repo: str | None = None
+    revision: str | None = None
+    idle_timeout_seconds: float | None = None
+    expected_start_seconds: float | None = None
+    start_timeout_seconds: float | None = None
+    cold_start_hold_seconds: float | None = None
+    weights_gb: float | None = None
+    min_replicas: int = 0
+    max_replicas: int = 1
+    max_concurrency: int = 256
+    fingerprint: str = field(default="", compare=False)
+
+    @property
+    def repo_id(self) -> str:
+        return self.hf_repo or self.id
+
+
+def _check_seconds_by_engine(value) -> None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return
+    if isinstance(value, dict) and all(
+        k in ENGINES and isinstance(v, int | float) and v >= 0 for k, v in value.items()
+    ):
+        return
+    raise ValidationError(f"a number of seconds, or an object of seconds by engine {ENGINES}")
+
+
+class _EntrySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    engine = fields.String(validate=validate.OneOf(ENGINES), load_default=None)
+    gpus = fields.Integer(load_default=1, validate=validate.Range(min=0, max=64))
+    image = fields.String(load_default=None, allow_none=True)
+    engine_args = fields.Dict(
+        keys=fields.String(validate=validate.OneOf(ENGINES)),
+        values=fields.List(fields.String()),
+        load_default=dict,
+    )
+    env = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+    hf_repo = fields.String(load_default=None, allow_none=True)
+    revision = fields.String(load_default=None, allow_none=True)
+    idle_timeout_seconds = fields.Float(load_default=None, validate=validate.Range(min=1))
+    # A number, or a number per engine: a 27B model loads in minutes on vLLM, seconds on sim.
+    expected_start_seconds = fields.Raw(load_default=None, validate=_check_seconds_by_engine)
+    start_timeout_seconds = fields.Float(load_default=None, validate=validate.Range(min=1))
+    cold_start_hold_seconds = fields.Float(
+        load_default=None, validate=validate.Range(min=0, max=600)
+    )
+    weights_gb = fields.Float(load_default=None, validate=validate.Range(min=0))
+    min_replicas = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
+    max_replicas = fields.Integer(load_default=1, validate=validate.Range(min=1, max=64))
+    max_concurrency = fields.Integer(load_default=256, validate=validate.Range(min=1))
+
+
+class ModelCatalog:
+    """The models that may be served, by id."""
+
+    def __init__(self, specs: list[ModelSpec]):
+        self._specs = {spec.id: spec for spec in specs}
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self._specs.get(model_id)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @classmethod
+    def from_file(cls, path: Path, default_engine: str) -> ModelCatalog:
+        try:
+            document = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise CatalogError(f"model catalog {path}: cannot read: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise CatalogError(f"model catalog {path}: not valid JSON: {exc}") from None
+        return cls.from_document(document, default_engine, source=str(path))
+
+    @classmethod
+    def from_document(cls, document, default_engine: str, source: str = "catalog") -> ModelCatalog:
+        if not isinstance(document, dict) or not isinstance(document.get("models"), list):
+            raise CatalogError(f'model catalog {source}: expected {{"models": [...]}}')
+        specs: list[ModelSpec] = []
+        seen: set[str] = set()
+        for index, raw in enumerate(document["models"]):
+            name = raw.get("id") if isinstance(raw, dict) else None
+            label = f"entry {index}" + (f" ({name})" if name else "")
+            try:
+                entry = _EntrySchema().load(raw)
+            except ValidationError as exc:
+                raise CatalogError(f"model catalog {source}: {label}: {exc.messages}") from None
+            if entry["id"] in seen:
+                raise CatalogError(f"model catalog {source}: {label}: duplicate id")
+            if entry["min_replicas"] > entry["max_replicas"]:
+                raise CatalogError(f"model catalog {source}: {label}: min_replicas > max_replicas")
+            seen.add(entry["id"])
+            engine = entry["engine"] or default_engine
+            expected = entry["expected_start_seconds"]
+            if isinstance(expected, dict):
+                expected = expected.get(engine)
+            fingerprint = hashlib.sha256(
+                json.dumps([raw, engine], sort_keys=True).encode()
+            ).hexdigest()[:16]
+            specs.append(
+                ModelSpec(
+                    id=entry["id"],
+                    engine=engine,
+                    gpus=entry["gpus"],
+                    image=entry["image"],
+                    args=tuple(entry["engine_args"].get(engine, ())),
+                    env=tuple(sorted(entry["env"].items())),
+                    hf_repo=entry["hf_repo"],
+                    revision=entry["revision"],
+                    idle_timeout_seconds=entry["idle_timeout_seconds"],
+                    expected_start_seconds=expected,
+                    start_timeout_seconds=entry["start_timeout_seconds"],
+                    cold_start_hold_seconds=entry["cold_start_hold_seconds"],
+                    weights_gb=entry["weights_gb"],
+                    min_replicas=entry["min_replicas"],
+                    max_replicas=entry["max_replicas"],
+                    max_concurrency=entry["max_concurrency"],
+                    fingerprint=fingerprint,
+                )
+            )
+        return cls(specs)

@@ -1,0 +1,272 @@
+"""The control plane: starts, watches and stops engine instances, and runs the autoscaling loop.
+
+`ensure_running(model)` is what a cold realtime call asks for (through a Celery control task):
+it starts at most one instance however often it is called, and waits for readiness. `tick()` is
+the periodic loop: under a Redis lock it builds a `Snapshot`, asks `plan` what to do, does it
+through the backend and records the decisions with their reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import redis
+
+from runtimes.backends.base import Backend, BackendError, Observed
+from runtimes.catalog import ModelCatalog, ModelSpec
+from runtimes.engines import engine_for
+from runtimes.policy import Action, Snapshot, plan
+from runtimes.registry import (
+    DRAINING,
+    FAILED,
+    LIVE_STATES,
+    READY,
+    STARTING,
+    STOPPING,
+    RuntimeRecord,
+    RuntimeRegistry,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_SECONDS = 0.25
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        registry: RuntimeRegistry,
+        backend: Backend,
+        *,
+        default_idle_timeout: float = 600.0,
+        start_timeout: float = 1800.0,
+        drain_timeout: float = 600.0,
+        stop_grace: float = 10.0,
+        request_start: Callable[[str], None] | None = None,
+    ):
+        self.catalog = catalog
+        self.registry = registry
+        self.redis: redis.Redis = registry.redis
+        self.backend = backend
+        self.default_idle_timeout = default_idle_timeout
+        self.start_timeout = start_timeout
+        self.drain_timeout = drain_timeout
+        self.stop_grace = stop_grace
+        # How the tick asks for a start without waiting for it (a Celery task in production).
+        self.request_start = request_start or self.ensure_running
+
+    # -- starting ------------------------------------------------------------------------
+
+    def ensure_running(self, model: str) -> RuntimeRecord | None:
+        """Make sure `model` has a live instance; start one (and wait for it) if it has none."""
+        spec = self.catalog.get(model)
+        if spec is None:
+            log.warning("ensure_running: %s is not in the catalog", model)
+            return None
+        record = self._claim_start(spec)
+        if record is None:
+            return None
+        return self._launch_and_wait(spec, record)
+
+    def _claim_start(self, spec: ModelSpec) -> RuntimeRecord | None:
+        """Create a `starting` record unless the model already has a live one (atomically)."""
+        lock = self.redis.lock(self.registry.key("lock", "model", spec.id), timeout=30,
+                               blocking_timeout=10)
+        if not lock.acquire():
+            return None
+        try:
+            live = [r for r in self.registry.for_model(spec.id)
+                    if r.state in LIVE_STATES and r.state != DRAINING]
+            if live:
+                return None
+            now = time.time()
+            record = RuntimeRecord(
+                id=f"rt-{uuid.uuid4().hex[:12]}",
+                model=spec.id,
+                engine=spec.engine,
+                backend=self.backend.name,
+                state=STARTING,
+                host="",
+                port=0,
+                fingerprint=spec.fingerprint,
+                created_at=now,
+                state_since=now,
+                reason="cold start",
+            )
+            self.registry.create(record)
+            return record
+        finally:
+            lock.release()
+
+    def _launch_and_wait(self, spec: ModelSpec, record: RuntimeRecord) -> RuntimeRecord | None:
+        engine = engine_for(spec)
+        try:
+            started = self.backend.start(record.id, spec, engine, record.gpus, record.gpu_host)
+        except BackendError as exc:
+            return self._fail(record, None, str(exc))
+        record = self.registry.transition(
+            record.id, (STARTING,), host=started.host, port=started.port, handle=started.handle,
+            state=STARTING,
+        )
+        if record is None:  # stopped by someone else meanwhile
+            return None
+        deadline = record.created_at + (spec.start_timeout_seconds or self.start_timeout)
+        while time.time() < deadline:
+            if engine.probe(record.endpoint, spec.id):
+                return self._mark_ready(spec, record)
+            inst = self._observe(record.handle)
+            if inst is None or not inst.running:
+                code = inst.exit_code if inst else None
+                return self._fail(record, code, f"engine exited with code {code} while starting")
+            current = self.registry.get(record.id)
+            if current is None or current.state != STARTING:
+                return current
+            time.sleep(PROBE_INTERVAL_SECONDS)
+        self._stop_quietly(record)
+        return self._fail(record, None, f"not ready within {deadline - record.created_at:.0f} s")
+
+    def _mark_ready(self, spec: ModelSpec, record: RuntimeRecord) -> RuntimeRecord | None:
+        now = time.time()
+        ready = self.registry.transition(record.id, (STARTING,), state=READY, ready_at=now,
+                                         reason="readiness probe passed")
+        if ready is not None:
+            if record.reason != "adopted":  # an adopted instance's load time is unknown
+                self.registry.record_start_duration(spec.id, now - record.created_at)
+            self.registry.note_good_start(spec.id)
+            self.registry.clear_demand(spec.id)
+            log.info("%s ready for %s after %.1f s", record.id, spec.id, now - record.created_at)
+        return ready
+
+    def _observe(self, handle: str) -> Observed | None:
+        for inst in self.backend.list():
+            if inst.handle == handle:
+                return inst
+        return None
+
+    def _fail(self, record: RuntimeRecord, exit_code: int | None, reason: str):
+        logs = self.backend.logs(record.handle or record.id, tail=40) if record.handle else ""
+        self.registry.transition(record.id, None, state=FAILED, exit_code=exit_code,
+                                 last_logs=logs, reason=reason)
+        count = self.registry.note_failed_start(record.model, {
+            "instance": record.id, "exit_code": exit_code, "reason": reason,
+            "last_logs": logs, "at": time.time(),
+        })
+        log.error("%s for %s failed (%d in a row): %s", record.id, record.model, count, reason)
+        self.registry.record_decisions([{
+            "at": time.time(), "action": "mark_failed", "model": record.model,
+            "instance": record.id, "reason": reason,
+        }])
+        return None
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def stop_instance(self, instance_id: str, reason: str) -> None:
+        record = self.registry.transition(instance_id, None, state=STOPPING, reason=reason)
+        handle = record.handle if record is not None and record.handle else instance_id
+        self._stop_quietly_handle(handle)
+        self.registry.remove(instance_id)
+
+    def _stop_quietly(self, record: RuntimeRecord) -> None:
+        if record.handle:
+            self._stop_quietly_handle(record.handle)
+
+    def _stop_quietly_handle(self, handle: str) -> None:
+        try:
+            self.backend.stop(handle, grace=self.stop_grace)
+        except BackendError as exc:
+            log.error("stopping %s: %s", handle, exc)
+
+    def stop_all(self, reason: str = "orchestrator shutting down") -> int:
+        """Stop every instance the backend runs for us; return how many."""
+        handles = {inst.handle: inst.instance_id for inst in self.backend.list()}
+        for record in self.registry.all():
+            handles.setdefault(record.handle or record.id, record.id)
+        for handle, instance_id in handles.items():
+            self._stop_quietly_handle(handle)
+            self.registry.remove(instance_id)
+        return len(handles)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        now = time.time() if now is None else now
+        records = self.registry.all()
+        failures = self.registry.failed_starts()
+        last_failure_at = {}
+        for model in failures:
+            details = self.registry.last_failure(model) or {}
+            last_failure_at[model] = float(details.get("at", 0.0))
+        return Snapshot(
+            now=now,
+            catalog={spec.id: spec for spec in self.catalog},
+            runtimes=records,
+            observed=self.backend.list(),
+            demand=self.registry.demand(),
+            last_used=self.registry.last_used(),
+            inflight=self.registry.inflight([r.id for r in records], now),
+            failed_starts=failures,
+            last_failure_at=last_failure_at,
+            default_idle_timeout=self.default_idle_timeout,
+            drain_timeout=self.drain_timeout,
+        )
+
+    def tick(self, lock_seconds: float = 60.0) -> list[dict] | None:
+        """One pass of the loop; None when another tick holds the lock."""
+        lock = self.redis.lock(self.registry.key("lock", "tick"), timeout=lock_seconds,
+                               blocking=False)
+        if not lock.acquire():
+            return None
+        try:
+            snapshot = self.snapshot()
+            actions = plan(snapshot)
+            decisions = []
+            for action in actions:
+                self._carry_out(action)
+                decisions.append({"at": snapshot.now, **action.describe()})
+            self._probe_starting()
+            # "forget" of a failure already recorded is bookkeeping, not a decision worth showing.
+            self.registry.record_decisions([d for d in decisions if d["action"] != "forget"])
+            return decisions
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                log.warning("tick outlived its lock (%.0f s)", lock_seconds)
+
+    def _probe_starting(self) -> None:
+        """Mark ready the starting instances nobody waits for (adopted, or their task died)."""
+        for record in self.registry.all():
+            spec = self.catalog.get(record.model)
+            if record.state == STARTING and record.port and spec is not None:
+                if engine_for(spec).probe(record.endpoint, spec.id, timeout=1.0):
+                    self._mark_ready(spec, record)
+
+    def _carry_out(self, action: Action) -> None:
+        log.info("%s %s %s: %s", action.kind, action.model, action.instance_id, action.reason)
+        if action.kind == "start":
+            self.request_start(action.model)
+        elif action.kind == "drain":
+            self.registry.transition(action.instance_id, (READY,), state=DRAINING,
+                                     reason=action.reason)
+        elif action.kind == "stop":
+            self.stop_instance(action.instance_id, action.reason)
+        elif action.kind == "mark_failed":
+            record = self.registry.get(action.instance_id)
+            if record is not None:
+                self._fail(record, action.exit_code, action.reason)
+        elif action.kind == "forget":
+            self.registry.remove(action.instance_id)
+        elif action.kind == "adopt":
+            inst = action.observed
+            now = time.time()
+            self.registry.create(RuntimeRecord(
+                id=inst.instance_id, model=inst.model, engine=inst.engine,
+                backend=self.backend.name, state=STARTING, host=inst.host, port=inst.port,
+                handle=inst.handle, gpus=inst.gpus, gpu_host=inst.gpu_host,
+                fingerprint=inst.fingerprint, created_at=inst.started_at or now,
+                state_since=now, reason="adopted",
+            ))

@@ -1,0 +1,251 @@
+"""The runtime registry: the state of every engine instance, kept in Redis.
+
+An instance moves stopped → starting → ready → draining → stopped, or to failed; "stopped" means
+the record is gone. Alongside the records the registry keeps what the autoscaler needs to know
+about use: demand for models with no ready instance, the last use and calls in flight per
+instance (reported by the web workers), arrivals per model in 10-second buckets, observed start
+durations per model, consecutive failed starts and recent decisions.
+
+All writes of a record go through `transition`, a compare-and-set on the state, so two control
+workers can never both start or both stop the same instance.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import redis
+
+STARTING = "starting"
+READY = "ready"
+SLEEPING = "sleeping"
+DRAINING = "draining"
+STOPPING = "stopping"
+FAILED = "failed"
+STATES = (STARTING, READY, SLEEPING, DRAINING, STOPPING, FAILED)
+# States in which an instance holds its GPUs and a port.
+LIVE_STATES = (STARTING, READY, SLEEPING, DRAINING, STOPPING)
+
+ARRIVAL_BUCKET_SECONDS = 10
+WORKER_STALE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    id: str
+    model: str
+    engine: str
+    backend: str
+    state: str
+    host: str
+    port: int
+    handle: str = ""
+    gpus: tuple[int, ...] = ()
+    gpu_host: str = "local"
+    fingerprint: str = ""
+    created_at: float = 0.0
+    state_since: float = 0.0
+    ready_at: float | None = None
+    exit_code: int | None = None
+    last_logs: str = ""
+    reason: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RuntimeRecord:
+        data = json.loads(text)
+        data["gpus"] = tuple(data.get("gpus") or ())
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class RuntimeRegistry:
+    def __init__(self, client: redis.Redis, prefix: str = "gw"):
+        self.redis = client
+        self.prefix = prefix
+        self._records_key = f"{prefix}:runtimes"
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # -- records ---------------------------------------------------------------------------
+
+    def all(self) -> list[RuntimeRecord]:
+        return [RuntimeRecord.from_json(v) for v in self.redis.hvals(self._records_key)]
+
+    def get(self, instance_id: str) -> RuntimeRecord | None:
+        raw = self.redis.hget(self._records_key, instance_id)
+        return RuntimeRecord.from_json(raw) if raw else None
+
+    def for_model(self, model: str) -> list[RuntimeRecord]:
+        return [r for r in self.all() if r.model == model]
+
+    def create(self, record: RuntimeRecord) -> bool:
+        """Add a new record; False if one with that id exists."""
+        return bool(self.redis.hsetnx(self._records_key, record.id, record.to_json()))
+
+    def transition(
+        self, instance_id: str, from_states: tuple[str, ...] | None, **changes
+    ) -> RuntimeRecord | None:
+        """Change a record if its state is one of `from_states` (None: any); return the new one."""
+        if "state" in changes and "state_since" not in changes:
+            changes["state_since"] = time.time()
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._records_key)
+                    raw = pipe.hget(self._records_key, instance_id)
+                    if raw is None:
+                        pipe.reset()
+                        return None
+                    current = RuntimeRecord.from_json(raw)
+                    if from_states is not None and current.state not in from_states:
+                        pipe.reset()
+                        return None
+                    updated = replace(current, **changes)
+                    pipe.multi()
+                    pipe.hset(self._records_key, instance_id, updated.to_json())
+                    pipe.execute()
+                    return updated
+                except redis.WatchError:
+                    continue
+
+    def remove(self, instance_id: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hdel(self._records_key, instance_id)
+        pipe.hdel(self.key("last_used"), instance_id)
+        pipe.delete(self.key("inflight", instance_id))
+        pipe.execute()
+
+    # -- start timings ---------------------------------------------------------------------
+
+    def record_start_duration(self, model: str, seconds: float, kind: str = "cold") -> None:
+        key = self.key("starts", kind, model)
+        pipe = self.redis.pipeline()
+        pipe.lpush(key, f"{seconds:.3f}")
+        pipe.ltrim(key, 0, 9)
+        pipe.execute()
+
+    def start_durations(self, model: str, kind: str = "cold") -> list[float]:
+        return [float(v) for v in self.redis.lrange(self.key("starts", kind, model), 0, -1)]
+
+    def median_start_seconds(self, model: str, kind: str = "cold") -> float | None:
+        durations = self.start_durations(model, kind)
+        return statistics.median(durations) if durations else None
+
+    # -- demand and use --------------------------------------------------------------------
+
+    def note_demand(self, model: str, now: float | None = None) -> None:
+        self.redis.hset(self.key("demand"), model, f"{time.time() if now is None else now:.3f}")
+
+    def demand(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.redis.hgetall(self.key("demand")).items()}
+
+    def clear_demand(self, model: str) -> None:
+        self.redis.hdel(self.key("demand"), model)
+
+    def report_usage(
+        self,
+        worker: str,
+        last_used: dict[str, float],
+        inflight: dict[str, int],
+        arrivals: dict[str, int],
+        now: float | None = None,
+    ) -> None:
+        """One web worker's use since its last report, written in one round trip."""
+        now = time.time() if now is None else now
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.key("workers"), worker, f"{now:.3f}")
+        if last_used:
+            pipe.hset(self.key("last_used"), mapping={k: f"{v:.3f}" for k, v in last_used.items()})
+        for instance_id, count in inflight.items():
+            pipe.hset(self.key("inflight", instance_id), worker, count)
+            pipe.expire(self.key("inflight", instance_id), 3600)
+        if arrivals:
+            bucket = self.key("arrivals", str(int(now // ARRIVAL_BUCKET_SECONDS)))
+            for model, count in arrivals.items():
+                pipe.hincrby(bucket, model, count)
+            pipe.expire(bucket, 7200)
+        pipe.execute()
+
+    def last_used(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.redis.hgetall(self.key("last_used")).items()}
+
+    def inflight(self, instance_ids: list[str], now: float | None = None) -> dict[str, int]:
+        """Calls in flight per instance, counting only workers that reported recently."""
+        now = time.time() if now is None else now
+        workers = {
+            k.decode(): float(v) for k, v in self.redis.hgetall(self.key("workers")).items()
+        }
+        live = {w for w, seen in workers.items() if now - seen < WORKER_STALE_SECONDS}
+        pipe = self.redis.pipeline(transaction=False)
+        for instance_id in instance_ids:
+            pipe.hgetall(self.key("inflight", instance_id))
+        totals = {}
+        for instance_id, counts in zip(instance_ids, pipe.execute(), strict=True):
+            totals[instance_id] = sum(
+                int(v) for w, v in counts.items() if w.decode() in live and int(v) > 0
+            )
+        return totals
+
+    def arrivals(self, seconds: float, now: float | None = None) -> dict[str, int]:
+        """Realtime arrivals per model over the last `seconds`."""
+        now = time.time() if now is None else now
+        last = int(now // ARRIVAL_BUCKET_SECONDS)
+        first = int((now - seconds) // ARRIVAL_BUCKET_SECONDS) + 1
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in range(first, last + 1):
+            pipe.hgetall(self.key("arrivals", str(bucket)))
+        totals: dict[str, int] = {}
+        for counts in pipe.execute():
+            for model, value in counts.items():
+                totals[model.decode()] = totals.get(model.decode(), 0) + int(value)
+        return totals
+
+    # -- failures and decisions ------------------------------------------------------------
+
+    def note_failed_start(self, model: str, details: dict) -> int:
+        pipe = self.redis.pipeline()
+        pipe.hincrby(self.key("failed_starts"), model, 1)
+        pipe.hset(self.key("last_failure"), model, json.dumps(details))
+        count, _ = pipe.execute()
+        return int(count)
+
+    def note_good_start(self, model: str) -> None:
+        self.redis.hdel(self.key("failed_starts"), model)
+
+    def failed_starts(self) -> dict[str, int]:
+        return {
+            k.decode(): int(v) for k, v in self.redis.hgetall(self.key("failed_starts")).items()
+        }
+
+    def last_failure(self, model: str) -> dict | None:
+        raw = self.redis.hget(self.key("last_failure"), model)
+        return json.loads(raw) if raw else None
+
+    def reset_model(self, model: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.key("failed_starts"), model)
+        pipe.hdel(self.key("last_failure"), model)
+        pipe.execute()
+
+    def record_decisions(self, decisions: list[dict]) -> None:
+        if not decisions:
+            return
+        pipe = self.redis.pipeline()
+        for decision in decisions:
+            pipe.lpush(self.key("decisions"), json.dumps(decision))
+        pipe.ltrim(self.key("decisions"), 0, 499)
+        pipe.execute()
+
+    def recent_decisions(self, count: int = 50) -> list[dict]:
+        return [json.loads(v) for v in self.redis.lrange(self.key("decisions"), 0, count - 1)]

@@ -1,0 +1,109 @@
+"""Bearer-token authentication, scopes, model allowlists and per-key limits for the API.
+
+`require_scope("realtime")` guards a view: 401 for a missing or unknown token, 403 for a missing
+scope. `check_model_allowed` and `admit` apply a key's model allowlist and limits once the model
+is known. The key in force is kept on `flask.g.api_key`; the token itself is never stored or logged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from flask import current_app, g, request
+
+from webapp.errors import APIError
+from webapp.keystore import ApiKey
+from webapp.limits import LimitExceeded
+
+
+def _presented_token(allow_query_key: bool) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if allow_query_key:
+        return request.args.get("key") or None
+    return None
+
+
+def authenticate(scope: str, allow_query_key: bool = False) -> ApiKey:
+    token = _presented_token(allow_query_key)
+    if token is None:
+        raise APIError(
+            401,
+            "Missing API key. Send it as 'Authorization: Bearer <token>'.",
+            code="missing_api_key",
+        )
+    key = current_app.extensions["keystore"].lookup(token)
+    if key is None:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if scope not in key.scopes:
+        raise APIError(
+            403,
+            f"This key lacks the '{scope}' scope needed for this endpoint.",
+            type="permission_error",
+            code="insufficient_scope",
+        )
+    g.api_key = key
+    return key
+
+
+def require_scope(scope: str, allow_query_key: bool = False) -> Callable:
+    def decorator(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def guarded(*args, **kwargs):
+            authenticate(scope, allow_query_key)
+            return view(*args, **kwargs)
+
+        guarded.required_scope = scope
+        return guarded
+
+    return decorator
+
+
+def check_model_allowed(key: ApiKey, model: str) -> None:
+    if not key.allows_model(model):
+        raise APIError(
+            403,
+            f"This key may not use the model '{model}'.",
+            type="permission_error",
+            code="model_not_allowed",
+            param="model",
+        )
+
+
+def admit(key: ApiKey) -> Callable[[], None] | None:
+    """Apply the key's limits; return the callable that releases its concurrency lease, if any."""
+    if key.requests_per_minute is None and key.max_concurrency is None:
+        return None
+    limiter = current_app.extensions["limiter"]
+    try:
+        if key.requests_per_minute is not None:
+            limiter.check_rate(key.name, key.requests_per_minute)
+        if key.max_concurrency is None:
+            return None
+        lease = limiter.acquire(key.name, key.max_concurrency)
+    except LimitExceeded as exc:
+        what = (
+            f"{key.requests_per_minute} requests per minute"
+            if exc.kind == "requests_per_minute"
+            else f"{key.max_concurrency} concurrent requests"
+        )
+        raise APIError(
+            429,
+            f"Rate limit reached for this key: {what}.",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    released = False
+
+    def release() -> None:
+        # Idempotent: both the end of a stream and an error path may call it.
+        nonlocal released
+        if not released:
+            released = True
+            limiter.release(key.name, lease)
+
+    return release

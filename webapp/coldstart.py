@@ -1,0 +1,84 @@
+"""What a realtime call gets when its model has no ready engine: a start, and an honest answer.
+
+The call records demand and asks the control plane for a start (deduplicated in Redis, so many
+callers across many workers cause one start). By default it then answers 503 with a Retry-After
+estimated from this model's observed start times; an operator may instead hold the call up to a
+number of seconds for the engine to become ready.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import current_app
+
+from runtimes.catalog import ModelSpec
+from runtimes.policy import MAX_FAILED_STARTS
+from runtimes.registry import STARTING, RuntimeRecord, RuntimeRegistry
+from webapp.errors import APIError
+
+HOLD_POLL_SECONDS = 0.25
+
+
+def estimate_start_seconds(registry: RuntimeRegistry, spec: ModelSpec, default: float) -> float:
+    """Median of this model's recent starts; else the catalog's figure; else the default."""
+    observed = registry.median_start_seconds(spec.id)
+    if observed is not None:
+        return observed
+    return spec.expected_start_seconds or default
+
+
+def retry_after_seconds(records: list[RuntimeRecord], estimate: float, now: float) -> int:
+    starting = [r for r in records if r.state == STARTING]
+    remaining = estimate
+    if starting:
+        remaining = estimate - (now - min(r.created_at for r in starting))
+        if remaining < 1:
+            # Overdue: the engine is slower than it was; ask again soon rather than give up.
+            remaining = min(5.0, max(1.0, estimate * 0.1))
+    return max(1, math.ceil(remaining))
+
+
+def await_runtime(spec: ModelSpec) -> RuntimeRecord:
+    """Return a ready instance of `spec` within the hold time, or raise the 503 that says when."""
+    ext = current_app.extensions
+    settings = ext["settings"]
+    registry: RuntimeRegistry = ext["registry"]
+    router = ext["router"]
+
+    failures = registry.failed_starts().get(spec.id, 0)
+    if failures >= MAX_FAILED_STARTS:
+        failure = registry.last_failure(spec.id) or {}
+        raise APIError(
+            503,
+            f"The model '{spec.id}' failed to start {failures} times in a row "
+            f"({failure.get('reason', 'unknown reason')}); an operator must reset it.",
+            type="server_error",
+            code="model_failed",
+            headers={"Retry-After": "60"},
+        )
+
+    registry.note_demand(spec.id)
+    ext["request_start"](spec.id)
+
+    hold = spec.cold_start_hold_seconds
+    if hold is None:
+        hold = settings.cold_start_hold_seconds
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline:
+        time.sleep(HOLD_POLL_SECONDS)
+        router.invalidate()
+        record = router.pick(spec.id, ext["usage"].inflight)
+        if record is not None:
+            return record
+
+    estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds)
+    seconds = retry_after_seconds(registry.for_model(spec.id), estimate, time.time())
+    raise APIError(
+        503,
+        f"The model '{spec.id}' is starting; retry in about {seconds} s.",
+        type="server_error",
+        code="model_starting",
+        headers={"Retry-After": str(seconds)},
+    )

@@ -1,0 +1,94 @@
+"""The one error envelope of the API, shaped like OpenAI's.
+
+Every error a client sees is `{"error": {"message", "type", "code", "param"}}` with a fitting
+status: views raise `APIError`, Werkzeug's `HTTPException`s are translated, and anything
+unexpected becomes a 500 whose trace goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Status → (type, code) for errors that Werkzeug raises on its own.
+_HTTP_DEFAULTS = {
+    400: ("invalid_request_error", "bad_request"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+class APIError(Exception):
+    """An error answered to the client in the OpenAI shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type, "code": code, "param": param}}
+    ).encode()
+
+
+def error_response(error: APIError) -> Response:
+    response = Response(
+        error_body(error.message, error.type, error.code, error.param),
+        status=error.status,
+        content_type="application/json",
+    )
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(APIError)
+    def _api_error(error: APIError):
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        status = error.code or 500
+        type_, code = _HTTP_DEFAULTS.get(status, ("invalid_request_error", "http_error"))
+        message = error.description or error.name
+        if status == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            message = f"Request body is larger than the limit of {limit} bytes."
+        elif status == 404:
+            message = f"Unknown path: {request.method} {request.path}"
+        return error_response(APIError(status, message, type=type_, code=code))
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(
+            APIError(
+                500,
+                "The server had an error while processing your request.",
+                type="server_error",
+                code="internal_error",
+            )
+        )

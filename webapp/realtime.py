@@ -1,0 +1,160 @@
+"""The realtime API: `/v1/completions`, `/v1/chat/completions` (plain and streamed), `/v1/models`.
+
+A call is checked (key, scope, model, body), routed to a ready instance of its model and
+forwarded as sent; a model with no ready instance goes through `coldstart`. This is the hot path:
+no Redis round trip unless the key has limits or the model is cold.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, Response, current_app, g, request
+
+from runtimes.catalog import ModelSpec
+from runtimes.registry import READY
+from webapp import coldstart
+from webapp.auth import admit, check_model_allowed, require_scope
+from webapp.errors import APIError
+from webapp.relay import EngineUnreachable, normalise_engine_error, read_body, relay_stream
+from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
+
+bp = Blueprint("realtime", __name__)
+
+
+def _request_id() -> str:
+    rid = request.headers.get("X-Request-Id", "")
+    if not rid or len(rid) > 128 or not rid.isprintable():
+        rid = uuid.uuid4().hex
+    g.request_id = rid
+    return rid
+
+
+def _model_spec(model: str) -> ModelSpec:
+    spec = current_app.extensions["catalog"].get(model)
+    if spec is None:
+        raise APIError(
+            404, f"The model '{model}' does not exist.", code="model_not_found", param="model"
+        )
+    return spec
+
+
+def _forward(schema, path: str):
+    ext = current_app.extensions
+    raw = request.get_data(cache=False)
+    body = parse_json_object(raw)
+    validate_body(schema, body)
+    spec = _model_spec(body["model"])
+    key = g.api_key
+    check_model_allowed(key, spec.id)
+    release_lease = admit(key)
+    request_id = _request_id()
+    usage = ext["usage"]
+    usage.arrived(spec.id)
+    try:
+        return _send(ext, spec, path, raw, request_id, bool(body.get("stream")), release_lease)
+    except BaseException:
+        if release_lease is not None:
+            release_lease()
+        raise
+
+
+def _open_upstream(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str):
+    """Send the call to a ready instance; return it and the engine's unread answer.
+
+    The call counts as in flight on the instance from here; the caller ends it.
+    """
+    router, usage, client = ext["router"], ext["usage"], ext["engine_client"]
+    for attempt in (1, 2):
+        record = router.pick(spec.id, usage.inflight) or coldstart.await_runtime(spec)
+        usage.begin(record.id)
+        try:
+            return record, client.send(record.host, record.port, path, raw, request_id)
+        except EngineUnreachable:
+            usage.end(record.id)
+            # The cached route may be stale (the engine was stopped a moment ago): look again,
+            # unless the registry still calls it ready, which means the engine is in trouble.
+            router.invalidate()
+            current = ext["registry"].get(record.id)
+            if attempt == 2 or (current is not None and current.state == READY):
+                raise APIError(502, "The model's engine refused the connection.",
+                               type="server_error", code="engine_unreachable") from None
+        except BaseException:
+            usage.end(record.id)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _send(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: bool,
+          release_lease) -> Response:
+    usage = ext["usage"]
+    record, upstream = _open_upstream(ext, spec, path, raw, request_id)
+
+    headers = {"X-Request-Id": request_id}
+    if not stream or upstream.status != 200:
+        try:
+            data = read_body(upstream)
+        finally:
+            usage.end(record.id)
+            if release_lease is not None:
+                release_lease()
+        if upstream.status >= 400:
+            data = normalise_engine_error(upstream.status, data)
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        return Response(data, status=upstream.status, content_type=content_type, headers=headers)
+
+    instance_id = record.id
+
+    def on_end(outcome: str) -> None:
+        usage.end(instance_id)
+        if release_lease is not None:
+            release_lease()
+
+    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(
+        relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end),
+        status=200,
+        content_type=upstream.headers.get("Content-Type", "text/event-stream"),
+        headers=headers,
+        direct_passthrough=True,
+    )
+
+
+@bp.post("/v1/completions")
+@require_scope("realtime")
+def completions():
+    return _forward(COMPLETION, "/v1/completions")
+
+
+@bp.post("/v1/chat/completions")
+@require_scope("realtime")
+def chat_completions():
+    return _forward(CHAT_COMPLETION, "/v1/chat/completions")
+
+
+@bp.get("/v1/models")
+@require_scope("realtime")
+def list_models():
+    ext = current_app.extensions
+    states: dict[str, str] = {}
+    for record in ext["registry"].all():
+        # Report the most useful state among a model's instances: ready beats starting, etc.
+        rank = ("failed", "stopping", "draining", "sleeping", "starting", "ready")
+        if rank.index(record.state) > rank.index(states.get(record.model, "failed")):
+            states[record.model] = record.state
+        else:
+            states.setdefault(record.model, record.state)
+    key = g.api_key
+    data = [
+        {
+            "id": spec.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llm-gateway",
+            "engine": spec.engine,
+            "state": states.get(spec.id, "stopped"),
+        }
+        for spec in ext["catalog"]
+        if key.allows_model(spec.id)
+    ]
+    return {"object": "list", "data": data}

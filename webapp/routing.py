@@ -1,0 +1,44 @@
+"""Which engine instance serves a call: the ready instances of a model, fewest calls in flight.
+
+Each web worker keeps the registry's records for `cache_seconds` (0.5 s by default), so the
+proxy's hot path makes no Redis round trip; a call that finds its engine gone invalidates the
+cache and looks again.
+"""
+
+from __future__ import annotations
+
+import time
+
+from runtimes.registry import READY, RuntimeRecord, RuntimeRegistry
+
+
+class RuntimeRouter:
+    def __init__(self, registry: RuntimeRegistry, cache_seconds: float = 0.5):
+        self.registry = registry
+        self.cache_seconds = cache_seconds
+        self._ready: dict[str, list[RuntimeRecord]] = {}
+        self._expires = 0.0
+
+    def _refresh(self) -> None:
+        ready: dict[str, list[RuntimeRecord]] = {}
+        for record in self.registry.all():
+            if record.state == READY and record.port:
+                ready.setdefault(record.model, []).append(record)
+        self._ready = ready
+        self._expires = time.monotonic() + self.cache_seconds
+
+    def ready(self, model: str) -> list[RuntimeRecord]:
+        if time.monotonic() >= self._expires:
+            self._refresh()
+        return self._ready.get(model, [])
+
+    def pick(self, model: str, inflight: dict[str, int]) -> RuntimeRecord | None:
+        candidates = self.ready(model)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        return min(candidates, key=lambda r: inflight.get(r.id, 0))
+
+    def invalidate(self) -> None:
+        self._expires = 0.0

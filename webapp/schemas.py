@@ -1,0 +1,90 @@
+"""Marshmallow schemas of the request bodies the gateway checks before forwarding.
+
+The gateway checks what it must understand (the model, token bounds, the stream flag, the shape
+of prompts and messages); every other OpenAI or engine-specific field passes through untouched
+(`unknown = INCLUDE`), since the engine is the authority on its own sampling parameters.
+"""
+
+from __future__ import annotations
+
+import json
+
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
+
+from webapp.errors import APIError
+
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+def _check_prompt(value) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return
+        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+            return
+    raise ValidationError("must be a string, a list of strings or a list of token ids")
+
+
+def _check_messages(value) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValidationError("must be a non-empty list of messages")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValidationError(f"message {index} must be an object with a 'role'")
+
+
+class _Sampling(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    model = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    max_tokens = fields.Integer(
+        allow_none=True, validate=validate.Range(min=1, max=MAX_TOKENS_LIMIT), strict=True
+    )
+    stream = fields.Boolean(allow_none=True, truthy={True}, falsy={False})
+    n = fields.Integer(allow_none=True, validate=validate.Range(min=1, max=128), strict=True)
+    temperature = fields.Float(allow_none=True, validate=validate.Range(min=0, max=2))
+    top_p = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1))
+    stream_options = fields.Dict(allow_none=True)
+
+
+class CompletionRequest(_Sampling):
+    prompt = fields.Raw(required=True, validate=_check_prompt)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages = fields.Raw(required=True, validate=_check_messages)
+    max_completion_tokens = fields.Integer(
+        allow_none=True, validate=validate.Range(min=1, max=MAX_TOKENS_LIMIT), strict=True
+    )
+
+
+COMPLETION = CompletionRequest()
+CHAT_COMPLETION = ChatCompletionRequest()
+
+
+def parse_json_object(raw: bytes) -> dict:
+    if not raw:
+        raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(
+            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def validate_body(schema: Schema, body: dict) -> None:
+    """Raise a 400 naming the first bad field."""
+    errors = schema.validate(body)
+    if errors:
+        field, messages = next(iter(sorted(errors.items())))
+        message = messages[0] if isinstance(messages, list) else json.dumps(messages)
+        raise APIError(400, f"'{field}': {message}", code="invalid_value", param=field)

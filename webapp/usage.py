@@ -1,0 +1,83 @@
+"""What this web worker sends to its engines, reported to the registry about once a second.
+
+The proxy counts calls in flight, last use per instance and arrivals per model in memory (no
+Redis on the hot path); a background thread (a greenlet under gevent) writes them in one
+pipelined round trip. The autoscaler reads them to find idle instances and busy models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from runtimes.registry import RuntimeRegistry
+
+log = logging.getLogger(__name__)
+
+
+class UsageTracker:
+    def __init__(self, registry: RuntimeRegistry, interval: float = 1.0):
+        self.registry = registry
+        self.interval = interval
+        self.inflight: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
+        self._arrivals: dict[str, int] = {}
+        self._changed: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def arrived(self, model: str) -> None:
+        self._arrivals[model] = self._arrivals.get(model, 0) + 1
+        self._ensure_reporter()
+
+    def begin(self, instance_id: str) -> None:
+        self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
+        self._last_used[instance_id] = time.time()
+        self._changed.add(instance_id)
+
+    def end(self, instance_id: str) -> None:
+        self.inflight[instance_id] = max(0, self.inflight.get(instance_id, 0) - 1)
+        self._last_used[instance_id] = time.time()
+        self._changed.add(instance_id)
+
+    def _ensure_reporter(self) -> None:
+        # Started on first use, in the process that serves: never before a fork.
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="usage-reporter", daemon=True)
+        self._thread.start()
+
+    def flush(self) -> None:
+        last_used, self._last_used = self._last_used, {}
+        arrivals, self._arrivals = self._arrivals, {}
+        changed, self._changed = self._changed, set()
+        inflight = {i: self.inflight.get(i, 0) for i in changed | {
+            i for i, n in self.inflight.items() if n > 0
+        }}
+        try:
+            self.registry.report_usage(self.worker_id, last_used, inflight, arrivals)
+        except redis.RedisError as exc:
+            log.warning("usage report failed, will retry: %s", exc)
+            for model, count in arrivals.items():
+                self._arrivals[model] = self._arrivals.get(model, 0) + count
+            for instance_id, at in last_used.items():
+                self._last_used.setdefault(instance_id, at)
+            self._changed |= changed
+        for instance_id in changed:
+            if self.inflight.get(instance_id) == 0:
+                del self.inflight[instance_id]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
