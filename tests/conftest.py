@@ -1,0 +1,133 @@
+"""Fixtures shared by the suite: a real Redis, the real stack, keys, and SDK clients."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import redis as redis_lib
+import urllib3
+
+from runtimes.registry import READY, RuntimeRegistry
+from tests.harness import RedisServer, Stack
+
+DATA = Path(__file__).resolve().parent / "data"
+
+TOKENS = {
+    "realtime": "example-realtime-token",
+    "batch": "example-batch-token",
+    "upload": "example-upload-token",
+    "eval": "example-eval-token",
+    "monitor": "example-monitor-token",
+    "all": "example-admin-token",
+    "allowlist": "test-allowlist-token",
+    "rpm": "test-rpm-token",
+    "conc": "test-concurrency-token",
+}
+
+
+def keys_document() -> dict:
+    keys = [
+        {"name": f"test-{scope}", "token": TOKENS[scope], "scopes": [scope]}
+        for scope in ("realtime", "batch", "upload", "eval", "monitor")
+    ]
+    keys += [
+        {"name": "test-all", "token": TOKENS["all"],
+         "scopes": ["realtime", "batch", "upload", "eval", "monitor"]},
+        {"name": "test-allowlist", "token": TOKENS["allowlist"], "scopes": ["realtime"],
+         "models": ["sim/fast"]},
+        {"name": "test-rpm", "token": TOKENS["rpm"], "scopes": ["realtime"],
+         "requests_per_minute": 3},
+        {"name": "test-conc", "token": TOKENS["conc"], "scopes": ["realtime"],
+         "max_concurrency": 1},
+    ]
+    return {"keys": keys}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server):
+    """A clean Redis database of its own (db 1; the stack uses db 0)."""
+    client = redis_lib.Redis.from_url(f"{redis_server.url}/1")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def keys_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "auth.keys.json"
+    path.write_text(json.dumps(keys_document()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_server, keys_file):
+    """The web app (2 gevent workers) and a control worker with beat, on the test catalog."""
+    workdir = tmp_path_factory.mktemp("stack")
+    stack = Stack(
+        workdir,
+        f"{redis_server.url}/0",
+        DATA / "models.test.json",
+        keys_file,
+        RESTART_BACKOFF_SECONDS="0.2",
+        MAX_REQUEST_BYTES=str(256 * 1024),
+    )
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        print(f"\n--- web log (tail) ---\n{stack.tail('web')}")
+        print(f"--- worker log (tail) ---\n{stack.tail('worker')}")
+
+
+@pytest.fixture(scope="session")
+def registry(redis_server) -> RuntimeRegistry:
+    return RuntimeRegistry(redis_lib.Redis.from_url(f"{redis_server.url}/0"))
+
+
+def sdk(stack: Stack, token: str, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token, max_retries=0,
+                         timeout=kwargs.pop("timeout", 30), **kwargs)
+
+
+@pytest.fixture
+def client(stack) -> openai.OpenAI:
+    return sdk(stack, TOKENS["realtime"])
+
+
+def raw_post(stack: Stack, path: str, body: bytes | dict, token: str | None = "realtime",
+             headers: dict | None = None, timeout: float = 30):
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {TOKENS.get(token, token)}"
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    return urllib3.request("POST", f"{stack.base_url}{path}", body=data, headers=all_headers,
+                           timeout=timeout, retries=False)
+
+
+def warm(stack: Stack, model: str, timeout: float = 30) -> dict:
+    """Call `model` until its engine is ready; return the first successful completion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = raw_post(stack, "/v1/completions",
+                            {"model": model, "prompt": "warm up", "max_tokens": 2})
+        if response.status == 200:
+            return response.json()
+        assert response.status == 503, response.data
+        time.sleep(0.2)
+    raise TimeoutError(f"{model} did not become ready in {timeout} s\n{stack.tail('worker')}")
+
+
+def ready_records(registry: RuntimeRegistry, model: str):
+    return [r for r in registry.for_model(model) if r.state == READY]

@@ -1,0 +1,195 @@
+"""Real processes for the tests: a private Redis, and the orchestrator's web and control worker.
+
+Nothing here is mocked: `RedisServer` runs redis-server on a free loopback port, `Stack` runs
+gunicorn (gevent) and a Celery worker with embedded beat exactly as `make run` does, and engines
+are real `runtimes.sim` processes started by the control plane. Every process is started in its
+own group and killed with its group at the end, engines included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import urllib3
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass
+
+
+def kill_engines(state_dir: Path) -> int:
+    """Kill every engine a process backend started into `state_dir`; return how many."""
+    killed = 0
+    for state_file in Path(state_dir).glob("*.json"):
+        try:
+            pid = json.loads(state_file.read_text())["pid"]
+            os.killpg(pid, signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError, KeyError):
+            pass
+    return killed
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, appendonly: bool = False):
+        self.port = free_port()
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(self._pong, 10, what="redis-server")
+        return self
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+
+
+class Stack:
+    """The web app and a control worker (with beat) against a given Redis and catalog."""
+
+    def __init__(self, workdir: Path, redis_url: str, catalog: Path, keys: Path, **env):
+        self.workdir = workdir
+        self.port = free_port()
+        self.state_dir = workdir / "runtimes"
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "AUTH_KEYS_FILE": str(keys),
+            "MODEL_CATALOG_FILE": str(catalog),
+            "RUNTIME_TYPE": "sim",
+            "RUNTIME_BACKEND": "process",
+            "RUNTIME_STATE_DIR": str(self.state_dir),
+            "AUTOSCALE_INTERVAL_SECONDS": "0.5",
+            "KEYS_RELOAD_INTERVAL_SECONDS": "1",
+            "IDLE_TIMEOUT_SECONDS": "300",
+            "WEB_BIND": f"127.0.0.1:{self.port}",
+            "WEB_CONCURRENCY": "2",
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            **{k: str(v) for k, v in env.items()},
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        with open(self.log_path(name), "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def start_web(self) -> None:
+        self._spawn("web", [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py",
+                            "webapp.wsgi:app"])
+        wait_for(self._healthy, 30, what=f"web on {self.base_url}\n{self.tail('web')}")
+
+    def start_worker(self) -> None:
+        self._spawn("worker", [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker",
+                               "-Q", "control,downloads", "-P", "threads", "-c", "8", "-B",
+                               "--schedule", str(self.workdir / "beat-schedule"),
+                               "-l", "INFO", "-n", f"control-{self.port}@%h"])
+        wait_for(lambda: b"ready." in self.log_path("worker").read_bytes(), 60,
+                 what=f"celery worker\n{self.tail('worker')}")
+
+    def start(self) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_web()
+        self.start_worker()
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            response = urllib3.request("GET", f"{self.base_url}/healthz", timeout=1, retries=False)
+            return response.status == 200
+        except urllib3.exceptions.HTTPError:
+            return False
+
+    def stop_process(self, name: str, sig=signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            kill_group(proc, sig)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_process(name)
+        kill_engines(self.state_dir)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def engine_pids(self) -> list[int]:
+        pids = []
+        for state_file in self.state_dir.glob("*.json"):
+            try:
+                pids.append(json.loads(state_file.read_text())["pid"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return pids
