@@ -41,6 +41,7 @@ class Settings:
     default_start_seconds: float
     start_timeout_seconds: float
     autoscale_interval_seconds: float
+    restart_backoff_seconds: float
     max_request_bytes: int
     upstream_connect_timeout: float
     upstream_read_timeout: float
@@ -76,6 +77,9 @@ def _read(env: Env) -> Settings:
         start_timeout_seconds=env.float("START_TIMEOUT_SECONDS", 1800.0, validate=Range(min=1)),
         autoscale_interval_seconds=env.float(
             "AUTOSCALE_INTERVAL_SECONDS", 5.0, validate=Range(min=0.2, max=300)
+        ),
+        restart_backoff_seconds=env.float(
+            "RESTART_BACKOFF_SECONDS", 5.0, validate=Range(min=0, max=600)
         ),
         max_request_bytes=env.int("MAX_REQUEST_BYTES", 8 * 1024 * 1024, validate=Range(min=1024)),
         upstream_connect_timeout=env.float(
@@ -113,7 +117,8 @@ def load_settings(
         if env_file is not None:
             env.read_env(str(env_file), recurse=False, override=False)
         elif environ is None:
-            env.read_env(str(REPO_ROOT / ".env"), recurse=False, override=False)
+            env.read_env(os.environ.get("ENV_FILE", str(REPO_ROOT / ".env")), recurse=False,
+                         override=False)
         try:
             return _read(env)
         except (EnvError, EnvValidationError) as exc:

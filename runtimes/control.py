@@ -46,6 +46,7 @@ class ControlPlane:
         start_timeout: float = 1800.0,
         drain_timeout: float = 600.0,
         stop_grace: float = 10.0,
+        restart_backoff_base: float = 5.0,
         request_start: Callable[[str], None] | None = None,
     ):
         self.catalog = catalog
@@ -56,6 +57,7 @@ class ControlPlane:
         self.start_timeout = start_timeout
         self.drain_timeout = drain_timeout
         self.stop_grace = stop_grace
+        self.restart_backoff_base = restart_backoff_base
         # How the tick asks for a start without waiting for it (a Celery task in production).
         self.request_start = request_start or self.ensure_running
 
@@ -212,6 +214,7 @@ class ControlPlane:
             last_failure_at=last_failure_at,
             default_idle_timeout=self.default_idle_timeout,
             drain_timeout=self.drain_timeout,
+            restart_backoff_base=self.restart_backoff_base,
         )
 
     def tick(self, lock_seconds: float = 60.0) -> list[dict] | None:

@@ -51,11 +51,12 @@ class Snapshot:
     last_failure_at: dict[str, float] = field(default_factory=dict)
     default_idle_timeout: float = 600.0
     drain_timeout: float = 600.0
+    restart_backoff_base: float = 5.0
 
 
-def restart_backoff(failed_starts: int) -> float:
+def restart_backoff(failed_starts: int, base: float = 5.0) -> float:
     """Seconds to wait after the n-th failed start in a row before trying again."""
-    return min(300.0, 5.0 * 2 ** max(0, failed_starts - 1))
+    return min(300.0, base * 2 ** max(0, failed_starts - 1))
 
 
 def plan(snapshot: Snapshot) -> list[Action]:
@@ -133,7 +134,8 @@ def plan(snapshot: Snapshot) -> list[Action]:
         failures = snapshot.failed_starts.get(model, 0)
         if failures >= MAX_FAILED_STARTS:
             continue
-        if failures and now - snapshot.last_failure_at.get(model, 0.0) < restart_backoff(failures):
+        since_failure = now - snapshot.last_failure_at.get(model, 0.0)
+        if failures and since_failure < restart_backoff(failures, snapshot.restart_backoff_base):
             continue
         wanted_at = snapshot.demand.get(model)
         if not running and wanted_at is not None and now - wanted_at < DEMAND_WINDOW_SECONDS:

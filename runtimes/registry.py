@@ -211,6 +211,13 @@ class RuntimeRegistry:
                 totals[model.decode()] = totals.get(model.decode(), 0) + int(value)
         return totals
 
+    def claim_start_request(self, model: str, ttl: float) -> bool:
+        """True for the first caller to ask for a start of `model` until it is done or `ttl`."""
+        return bool(self.redis.set(self.key("ensure", model), "1", nx=True, ex=max(1, int(ttl))))
+
+    def release_start_request(self, model: str) -> None:
+        self.redis.delete(self.key("ensure", model))
+
     # -- failures and decisions ------------------------------------------------------------
 
     def note_failed_start(self, model: str, details: dict) -> int:

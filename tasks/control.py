@@ -8,7 +8,11 @@ from flask import current_app
 
 @shared_task(name="control.ensure_running", ignore_result=True)
 def ensure_running(model: str) -> None:
-    current_app.extensions["control"].ensure_running(model)
+    control = current_app.extensions["control"]
+    try:
+        control.ensure_running(model)
+    finally:
+        control.registry.release_start_request(model)
 
 
 @shared_task(name="autoscale.tick", ignore_result=True)
@@ -16,15 +20,16 @@ def tick() -> None:
     current_app.extensions["control"].tick()
 
 
-def start_requester(redis_client, prefix: str, dedupe_seconds: float = 10.0):
-    """A function that asks for a start of a model at most once per `dedupe_seconds`.
+def start_requester(registry, dedupe_seconds: float = 30.0):
+    """A function that asks for a start of a model, once until that start is done.
 
-    However many callers in however many web workers ask at once, one message is sent (`SET NX`);
-    the control task itself also refuses to start a second instance.
+    However many callers in however many web workers ask at once, one message is sent (`SET NX`
+    in the registry, released when the task ends or after `dedupe_seconds`); the control task
+    itself also refuses to start a second instance.
     """
 
     def request_start(model: str) -> None:
-        if redis_client.set(f"{prefix}:ensure:{model}", "1", nx=True, ex=int(dedupe_seconds)):
+        if registry.claim_start_request(model, dedupe_seconds):
             ensure_running.apply_async(args=[model], queue="control")
 
     return request_start

@@ -11,14 +11,10 @@ import logging
 import signal
 import threading
 
-import redis
 from flask import Flask
 
 from config.settings import Settings, load_settings
-from runtimes.backends.process import ProcessBackend
-from runtimes.catalog import ModelCatalog
-from runtimes.control import ControlPlane
-from runtimes.registry import RuntimeRegistry
+from runtimes.factory import build_control_plane, make_redis
 from tasks.celery_app import celery_init_app
 from tasks.control import start_requester
 from webapp.errors import register_error_handlers
@@ -44,27 +40,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def make_backend(settings: Settings):
-    if settings.runtime_backend == "process":
-        env = {"HF_HOME": str(settings.hf_home)}
-        if settings.hf_token:
-            env["HF_TOKEN"] = settings.hf_token
-        return ProcessBackend(settings.runtime_state_dir, host=settings.runtime_host, base_env=env)
-    from runtimes.backends.docker import DockerBackend
-
-    return DockerBackend.from_settings(settings)
-
-
 def register_services(app: Flask, settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-    registry = RuntimeRegistry(client)
-    catalog = ModelCatalog.from_file(settings.model_catalog_file, settings.runtime_type)
-    request_start = start_requester(client, registry.prefix)
+    client = make_redis(settings)
+    control = build_control_plane(settings, client)
+    registry = control.registry
+    # The tick asks for starts the same deduplicated way a cold call does.
+    control.request_start = request_start = start_requester(registry)
     app.extensions.update(
         redis=client,
         keystore=KeyStore(settings.auth_keys_file, settings.keys_reload_interval_seconds),
         limiter=KeyLimiter(client),
-        catalog=catalog,
+        catalog=control.catalog,
         registry=registry,
         router=RuntimeRouter(registry, settings.registry_cache_seconds),
         usage=UsageTracker(registry),
@@ -74,15 +60,7 @@ def register_services(app: Flask, settings: Settings) -> None:
             settings.upstream_read_timeout,
         ),
         request_start=request_start,
-        control=ControlPlane(
-            catalog,
-            registry,
-            make_backend(settings),
-            default_idle_timeout=settings.idle_timeout_seconds,
-            start_timeout=settings.start_timeout_seconds,
-            drain_timeout=settings.upstream_read_timeout,
-            request_start=request_start,
-        ),
+        control=control,
     )
 
 

@@ -18,3 +18,6 @@ keepalive = 75
 accesslog = "-" if os.environ.get("WEB_ACCESS_LOG", "1") == "1" else None
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
 errorlog = "-"
+# gunicorn's runtime control socket is one fixed path per user: several stacks on one machine
+# (tests, benchmarks) would fight over it, and nothing here uses it.
+control_socket_disable = True

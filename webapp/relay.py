@@ -154,6 +154,9 @@ def relay_stream(
         watcher = gevent.spawn(_watch_client, client_sock, upstream, state)
     outcome = "client_gone"
     try:
+        # An empty first item makes the server send the headers now, not with the first token:
+        # the client knows at once that its call was accepted.
+        yield b""
         if upstream.chunked:
             chunks = upstream.read_chunked(decode_content=False)
         else:
@@ -170,7 +173,8 @@ def relay_stream(
                              "engine_disconnected")
     finally:
         if watcher is not None:
-            watcher.kill(block=False)
+            # Blocking: the watcher must be gone before the server reads the client socket again.
+            watcher.kill(block=True)
         if outcome == "complete":
             upstream.release_conn()
         else:

@@ -1,0 +1,51 @@
+"""Builds the control plane from settings: Redis, catalog, registry, backend.
+
+Shared by the web app, the Celery workers and the `python -m runtimes` command line, so all of
+them see the same runtimes the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis
+
+from config.settings import Settings
+from runtimes.backends.base import Backend
+from runtimes.backends.process import ProcessBackend
+from runtimes.catalog import ModelCatalog
+from runtimes.control import ControlPlane
+from runtimes.registry import RuntimeRegistry
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.runtime_backend == "process":
+        env = {"HF_HOME": str(settings.hf_home)}
+        if settings.hf_token:
+            env["HF_TOKEN"] = settings.hf_token
+        return ProcessBackend(settings.runtime_state_dir, host=settings.runtime_host, base_env=env)
+    from runtimes.backends.docker import DockerBackend  # only where Docker is used
+
+    return DockerBackend.from_settings(settings)
+
+
+def build_control_plane(
+    settings: Settings,
+    client: redis.Redis | None = None,
+    request_start: Callable[[str], None] | None = None,
+) -> ControlPlane:
+    client = client or make_redis(settings)
+    return ControlPlane(
+        ModelCatalog.from_file(settings.model_catalog_file, settings.runtime_type),
+        RuntimeRegistry(client),
+        make_backend(settings),
+        default_idle_timeout=settings.idle_timeout_seconds,
+        start_timeout=settings.start_timeout_seconds,
+        drain_timeout=settings.upstream_read_timeout,
+        restart_backoff_base=settings.restart_backoff_seconds,
+        request_start=request_start,
+    )
