@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Make sure a Redis answers at $REDIS_URL. If none does and the URL is local, start one
 # (installing Debian's redis-server first when it is missing and we are root); otherwise say
-# exactly what to do. A Redis it starts is marked by var/redis/started-by-run, so that
+# exactly what to do. A Redis it starts is marked by $VAR_DIR/redis/started-by-run, so that
 # `make run` stops it again on the way out.
 set -euo pipefail
+VAR_DIR="${VAR_DIR:-var}"
 
 url="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 hostport="${url#redis://}"; hostport="${hostport#*@}"; hostport="${hostport%%/*}"
@@ -12,7 +13,7 @@ host="${hostport%%:*}"; port="${hostport##*:}"
 
 ping() { (exec 9<>"/dev/tcp/$host/$port" && printf 'PING\r\n' >&9 && timeout 2 head -c 5 <&9 | grep -q PONG) 2>/dev/null; }
 
-rm -f var/redis/started-by-run
+rm -f "$VAR_DIR/redis/started-by-run"
 if ping; then
   echo "redis: answering at $host:$port"
   exit 0
@@ -31,11 +32,12 @@ if ! command -v redis-server >/dev/null; then
     exit 1
   fi
 fi
-mkdir -p var/redis
+mkdir -p "$VAR_DIR/redis"
+data=$(cd "$VAR_DIR/redis" && pwd)
 # Append-only: accepted batch work must survive a Redis restart.
-redis-server --bind 127.0.0.1 --port "$port" --dir "$PWD/var/redis" --appendonly yes \
-  --save "" --daemonize yes --pidfile "$PWD/var/redis/redis.pid" --logfile "$PWD/var/redis/redis.log"
+redis-server --bind 127.0.0.1 --port "$port" --dir "$data" --appendonly yes --save "" \
+  --daemonize yes --pidfile "$data/redis.pid" --logfile "$data/redis.log"
 for _ in $(seq 50); do ping && break; sleep 0.1; done
-ping || { echo "redis: started but not answering; see var/redis/redis.log" >&2; exit 1; }
-touch var/redis/started-by-run
-echo "redis: started on 127.0.0.1:$port (data in var/redis)"
+ping || { echo "redis: started but not answering; see $VAR_DIR/redis/redis.log" >&2; exit 1; }
+touch "$VAR_DIR/redis/started-by-run"
+echo "redis: started on 127.0.0.1:$port (data in $VAR_DIR/redis)"

@@ -7,6 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
+export VAR_DIR="${VAR_DIR:-var}"  # pid, log and data files of what this script starts
 
 ENV_FILE="${ENV_FILE:-.env}"
 export ENV_FILE
@@ -50,19 +51,19 @@ stop_all() {
   done
   for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
   $BIN/python -m runtimes stop-all --unless-kept
-  if [ -f var/redis/started-by-run ]; then
-    redis-cli -u "$REDIS_URL" shutdown >/dev/null 2>&1 && echo "redis: stopped (its data stays in var/redis)"
-    rm -f var/redis/started-by-run
+  if [ -f "$VAR_DIR/redis/started-by-run" ]; then
+    redis-cli -u "$REDIS_URL" shutdown >/dev/null 2>&1 && echo "redis: stopped (its data stays in $VAR_DIR/redis)"
+    rm -f "$VAR_DIR/redis/started-by-run"
   fi
 }
 trap 'stop_all; exit 130' INT
 trap 'stop_all; exit 143' TERM
 
-mkdir -p var
+mkdir -p "$VAR_DIR"
 WEB_BIND="${WEB_BIND:-0.0.0.0:${WEB_PORT:-8000}}" start web $BIN/gunicorn -c webapp/gunicorn_conf.py webapp.wsgi:app
 start control $BIN/celery -A tasks.worker worker -Q control,downloads -P threads -c 8 -n control@%h -l INFO
 start batch $BIN/celery -A tasks.worker worker -Q batch -P gevent -c "${BATCH_WORKER_CONCURRENCY:-64}" -n batch@%h -l INFO
-start beat $BIN/celery -A tasks.worker beat --schedule var/celerybeat-schedule -l INFO
+start beat $BIN/celery -A tasks.worker beat --schedule "$VAR_DIR/celerybeat-schedule" -l INFO
 flower_auth=(); [ -n "${FLOWER_BASIC_AUTH:-}" ] && flower_auth=(--basic-auth="$FLOWER_BASIC_AUTH")
 start flower $BIN/celery -A tasks.worker flower --port="${FLOWER_PORT:-5555}" "${flower_auth[@]}"
 
