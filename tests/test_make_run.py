@@ -38,7 +38,7 @@ def test_run_stack_serves_the_readme_demo_and_stops_everything(tmp_path):
         "FLOWER_PORT": str(flower),
         "AUTOSCALE_INTERVAL_SECONDS": "1",
     }
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "run.log", "wb")
     script = subprocess.Popen(["scripts/run-stack.sh"], cwd=REPO, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
