@@ -42,6 +42,9 @@ class Settings:
     start_timeout_seconds: float
     autoscale_interval_seconds: float
     restart_backoff_seconds: float
+    sleep_after_seconds: float
+    scale_out_waiting: float
+    min_lifetime_seconds: float
     max_request_bytes: int
     upstream_connect_timeout: float
     upstream_read_timeout: float
@@ -50,11 +53,29 @@ class Settings:
     registry_cache_seconds: float
     log_level: str
     log_json: bool
+    # Where engines run (runtimes.inventory, runtimes.backends.docker).
+    docker_host: str
+    docker_hosts: tuple  # of runtimes.inventory.GpuHost; empty: one host "local" at docker_host
+    gpus: tuple[int, ...] | None  # None: as nvidia-smi lists them
+    runtime_docker_network: str | None
+    runtime_shm_size: str | None
+    hf_home_host: Path | None  # None: hf_home
+    orchestrator_id: str
 
 
 def _read(env: Env) -> Settings:
     # `env.x("NAME")` with no default raises when NAME is unset: that is how a required value
     # stops start-up with its name.
+    # runtimes.inventory owns the formats of the hosts and GPU lists; parsing them here makes a
+    # malformed value stop start-up with its variable's name, like every other setting.
+    from marshmallow.validate import Regexp
+
+    from runtimes import inventory
+
+    env.add_parser("docker_url", inventory.parse_docker_url)
+    env.add_parser("docker_hosts", inventory.parse_docker_hosts)
+    env.add_parser("gpu_ids", inventory.parse_gpu_ids)
+    env.add_parser("host_path", inventory.parse_host_path)
     return Settings(
         redis_url=env.str("REDIS_URL"),
         auth_keys_file=env.path("AUTH_KEYS_FILE"),
@@ -81,6 +102,9 @@ def _read(env: Env) -> Settings:
         restart_backoff_seconds=env.float(
             "RESTART_BACKOFF_SECONDS", 5.0, validate=Range(min=0, max=600)
         ),
+        sleep_after_seconds=env.float("SLEEP_AFTER_SECONDS", 120.0, validate=Range(min=0)),
+        scale_out_waiting=env.float("SCALE_OUT_WAITING", 8.0, validate=Range(min=0)),
+        min_lifetime_seconds=env.float("MIN_LIFETIME_SECONDS", 60.0, validate=Range(min=0)),
         max_request_bytes=env.int("MAX_REQUEST_BYTES", 8 * 1024 * 1024, validate=Range(min=1024)),
         upstream_connect_timeout=env.float(
             "UPSTREAM_CONNECT_TIMEOUT", 5.0, validate=Range(min=0.1)
@@ -97,6 +121,17 @@ def _read(env: Env) -> Settings:
             "LOG_LEVEL", "INFO", validate=OneOf(("DEBUG", "INFO", "WARNING", "ERROR"))
         ),
         log_json=env.bool("LOG_JSON", False),
+        docker_host=env.docker_url("DOCKER_HOST", ""),
+        docker_hosts=env.docker_hosts("DOCKER_HOSTS", ""),
+        gpus=env.gpu_ids("GPUS", None),
+        runtime_docker_network=env.str("RUNTIME_DOCKER_NETWORK", None) or None,
+        runtime_shm_size=env.str(
+            "RUNTIME_SHM_SIZE", "", validate=Regexp(r"^(\d+[bkmgBKMG]?)?$", error="like 16g, 512m")
+        ) or None,
+        hf_home_host=env.host_path("HF_HOME_HOST", None),
+        orchestrator_id=env.str(
+            "ORCHESTRATOR_ID", "default", validate=Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+        ),
     )
 
 

@@ -35,6 +35,7 @@ class ModelSpec:
     expected_start_seconds: float | None = None
     start_timeout_seconds: float | None = None
     cold_start_hold_seconds: float | None = None
+    sleep_after_seconds: float | None = None
     weights_gb: float | None = None
     min_replicas: int = 0
     max_replicas: int = 1
@@ -79,6 +80,7 @@ class _EntrySchema(Schema):
     cold_start_hold_seconds = fields.Float(
         load_default=None, validate=validate.Range(min=0, max=600)
     )
+    sleep_after_seconds = fields.Float(load_default=None, validate=validate.Range(min=0))
     weights_gb = fields.Float(load_default=None, validate=validate.Range(min=0))
     min_replicas = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
     max_replicas = fields.Integer(load_default=1, validate=validate.Range(min=1, max=64))
@@ -152,6 +154,7 @@ class ModelCatalog:
                     expected_start_seconds=expected,
                     start_timeout_seconds=entry["start_timeout_seconds"],
                     cold_start_hold_seconds=entry["cold_start_hold_seconds"],
+                    sleep_after_seconds=entry["sleep_after_seconds"],
                     weights_gb=entry["weights_gb"],
                     min_replicas=entry["min_replicas"],
                     max_replicas=entry["max_replicas"],

@@ -18,12 +18,14 @@ import redis
 from runtimes.backends.base import Backend, BackendError, Observed
 from runtimes.catalog import ModelCatalog, ModelSpec
 from runtimes.engines import engine_for
+from runtimes.placement import Inventory, place, used_gpus
 from runtimes.policy import Action, Snapshot, plan
 from runtimes.registry import (
     DRAINING,
     FAILED,
     LIVE_STATES,
     READY,
+    SLEEPING,
     STARTING,
     STOPPING,
     RuntimeRecord,
@@ -47,7 +49,13 @@ class ControlPlane:
         drain_timeout: float = 600.0,
         stop_grace: float = 10.0,
         restart_backoff_base: float = 5.0,
-        request_start: Callable[[str], None] | None = None,
+        request_start: Callable[[str, int], None] | None = None,
+        gpu_inventory: Inventory | None = None,
+        sleep_after_seconds: float | None = None,
+        scale_out_waiting: float = 8.0,
+        min_lifetime: float = 60.0,
+        arrivals_window: float = 300.0,
+        batch_pending: Callable[[], dict[str, int]] | None = None,
     ):
         self.catalog = catalog
         self.registry = registry
@@ -58,33 +66,59 @@ class ControlPlane:
         self.drain_timeout = drain_timeout
         self.stop_grace = stop_grace
         self.restart_backoff_base = restart_backoff_base
+        self.gpu_inventory = gpu_inventory or {}
+        self.sleep_after_seconds = sleep_after_seconds
+        self.scale_out_waiting = scale_out_waiting
+        self.min_lifetime = min_lifetime
+        self.arrivals_window = arrivals_window
+        # Batch lines waiting per model (the batch job store, once there is one).
+        self.batch_pending = batch_pending or dict
         # How the tick asks for a start without waiting for it (a Celery task in production).
         self.request_start = request_start or self.ensure_running
 
     # -- starting ------------------------------------------------------------------------
 
-    def ensure_running(self, model: str) -> RuntimeRecord | None:
-        """Make sure `model` has a live instance; start one (and wait for it) if it has none."""
+    def ensure_running(self, model: str, replicas: int = 1) -> RuntimeRecord | None:
+        """Make sure `model` has `replicas` live instances; start one (and wait) if it has fewer.
+
+        A cold call asks for 1; the autoscaler asks for more to keep `min_replicas` or to scale
+        a busy model out. One call starts at most one instance.
+        """
         spec = self.catalog.get(model)
         if spec is None:
             log.warning("ensure_running: %s is not in the catalog", model)
             return None
-        record = self._claim_start(spec)
+        asleep = [r for r in self.registry.for_model(model) if r.state == SLEEPING]
+        if asleep and not any(r.state in (READY, STARTING) for r in self.registry.for_model(model)):
+            return self.wake(asleep[0].id)
+        record = self._claim_start(spec, min(max(replicas, 1), spec.max_replicas))
         if record is None:
             return None
         return self._launch_and_wait(spec, record)
 
-    def _claim_start(self, spec: ModelSpec) -> RuntimeRecord | None:
-        """Create a `starting` record unless the model already has a live one (atomically)."""
-        lock = self.redis.lock(self.registry.key("lock", "model", spec.id), timeout=30,
+    def _claim_start(self, spec: ModelSpec, replicas: int) -> RuntimeRecord | None:
+        """Create a `starting` record on free GPUs, unless the model has `replicas` live ones.
+
+        One lock for all placements: two models starting at once never get the same GPU.
+        """
+        lock = self.redis.lock(self.registry.key("lock", "placement"), timeout=30,
                                blocking_timeout=10)
         if not lock.acquire():
             return None
         try:
-            live = [r for r in self.registry.for_model(spec.id)
-                    if r.state in LIVE_STATES and r.state != DRAINING]
-            if live:
+            records = self.registry.all()
+            live = [r for r in records if r.model == spec.id
+                    and r.state in LIVE_STATES and r.state != DRAINING]
+            if len(live) >= replicas:
                 return None
+            if self.gpu_inventory:
+                spot = place(spec.gpus, self.gpu_inventory, used_gpus(records))
+                if spot is None:
+                    log.info("no free GPUs for %s yet: the autoscaler will make room", spec.id)
+                    return None
+                gpu_host, gpus = spot
+            else:
+                gpu_host, gpus = "local", ()
             now = time.time()
             record = RuntimeRecord(
                 id=f"rt-{uuid.uuid4().hex[:12]}",
@@ -95,6 +129,8 @@ class ControlPlane:
                 host="",
                 port=0,
                 fingerprint=spec.fingerprint,
+                gpus=gpus,
+                gpu_host=gpu_host,
                 created_at=now,
                 state_since=now,
                 reason="cold start",
@@ -164,6 +200,36 @@ class ControlPlane:
         }])
         return None
 
+    # -- sleep mode ----------------------------------------------------------------------
+
+    def sleep(self, instance_id: str, reason: str) -> RuntimeRecord | None:
+        record = self.registry.get(instance_id)
+        spec = self.catalog.get(record.model) if record else None
+        if record is None or spec is None or record.state != READY:
+            return None
+        if not engine_for(spec).sleep(record.endpoint):
+            log.warning("%s would not sleep; leaving it awake", instance_id)
+            return None
+        return self.registry.transition(instance_id, (READY,), state=SLEEPING, reason=reason)
+
+    def wake(self, instance_id: str) -> RuntimeRecord | None:
+        record = self.registry.get(instance_id)
+        spec = self.catalog.get(record.model) if record else None
+        if record is None or spec is None or record.state != SLEEPING:
+            return None
+        started = time.time()
+        if not engine_for(spec).wake(record.endpoint):
+            log.warning("%s did not wake; stopping it for a fresh start", instance_id)
+            self.stop_instance(instance_id, "failed to wake up")
+            return None
+        now = time.time()
+        woken = self.registry.transition(instance_id, (SLEEPING,), state=READY, ready_at=now,
+                                         reason="woken up")
+        if woken is not None:
+            self.registry.record_start_duration(spec.id, now - started, kind="wake")
+            self.registry.clear_demand(spec.id)
+        return woken
+
     # -- stopping ------------------------------------------------------------------------
 
     def stop_instance(self, instance_id: str, reason: str) -> None:
@@ -215,7 +281,25 @@ class ControlPlane:
             default_idle_timeout=self.default_idle_timeout,
             drain_timeout=self.drain_timeout,
             restart_backoff_base=self.restart_backoff_base,
+            gpu_inventory=self.gpu_inventory,
+            arrivals=self.registry.arrivals(self.arrivals_window, now),
+            batch_pending=self.batch_pending(),
+            engine_load=self._engine_load(records),
+            can_sleep=frozenset(s.id for s in self.catalog if engine_for(s).can_sleep(s)),
+            sleep_after_seconds=self.sleep_after_seconds,
+            scale_out_waiting=self.scale_out_waiting,
+            min_lifetime=self.min_lifetime,
         )
+
+    def _engine_load(self, records: list[RuntimeRecord]):
+        loads = {}
+        for record in records:
+            spec = self.catalog.get(record.model)
+            if record.state == READY and spec is not None:
+                load = engine_for(spec).load(record.endpoint)
+                if load is not None:
+                    loads[record.id] = load
+        return loads
 
     def tick(self, lock_seconds: float = 60.0) -> list[dict] | None:
         """One pass of the loop; None when another tick holds the lock."""
@@ -251,7 +335,11 @@ class ControlPlane:
     def _carry_out(self, action: Action) -> None:
         log.info("%s %s %s: %s", action.kind, action.model, action.instance_id, action.reason)
         if action.kind == "start":
-            self.request_start(action.model)
+            self.request_start(action.model, action.replicas)
+        elif action.kind == "wake":
+            self.request_start(action.model, 1)  # ensure_running wakes a sleeping instance
+        elif action.kind == "sleep":
+            self.sleep(action.instance_id, action.reason)
         elif action.kind == "drain":
             self.registry.transition(action.instance_id, (READY,), state=DRAINING,
                                      reason=action.reason)

@@ -16,10 +16,20 @@ import sys
 from dataclasses import dataclass
 
 import urllib3
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtimes.catalog import ModelSpec
 
 _probe_pool = urllib3.PoolManager(num_pools=64, maxsize=2, retries=False)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine's `/metrics` says about its queue."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    cache_usage: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,11 @@ class Launch:
 
 class Engine:
     name = ""
-    supports_sleep = False
+    # Metric names of the engine's queue (waiting, running) and KV-cache use.
+    metric_names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = ((), (), ())
+
+    def can_sleep(self, spec: ModelSpec) -> bool:
+        return False
 
     def argv(self, spec: ModelSpec, host: str, port: int, *, in_container: bool) -> list[str]:
         raise NotImplementedError
@@ -59,12 +73,51 @@ class Engine:
             return False
         return served_name in listed
 
+    def load(self, endpoint: str, timeout: float = 1.0) -> EngineLoad | None:
+        """Queue figures from the engine's Prometheus `/metrics`, or None if unreadable."""
+        try:
+            response = _probe_pool.request("GET", f"{endpoint}/metrics", timeout=timeout)
+            if response.status != 200:
+                return None
+            families = list(text_string_to_metric_families(response.data.decode()))
+        except (urllib3.exceptions.HTTPError, ValueError, UnicodeDecodeError):
+            return None
+        totals = [0.0, 0.0, 0.0]
+        for family in families:
+            for sample in family.samples:
+                for index, names in enumerate(self.metric_names):
+                    if sample.name in names:
+                        totals[index] += sample.value
+        return EngineLoad(waiting=totals[0], running=totals[1], cache_usage=totals[2])
+
+    def sleep(self, endpoint: str, timeout: float = 120.0) -> bool:
+        """Put the engine to sleep (level 1: weights to CPU memory, KV cache dropped)."""
+        return self._post(f"{endpoint}/sleep?level=1", timeout)
+
+    def wake(self, endpoint: str, timeout: float = 120.0) -> bool:
+        return self._post(f"{endpoint}/wake_up", timeout)
+
+    @staticmethod
+    def _post(url: str, timeout: float) -> bool:
+        try:
+            return _probe_pool.request("POST", url, timeout=timeout).status == 200
+        except urllib3.exceptions.HTTPError:
+            return False
+
 
 class VllmEngine(Engine):
     """vLLM's OpenAI server (`vllm serve`); the official image's entrypoint is the server."""
 
     name = "vllm"
-    supports_sleep = True
+    metric_names = (
+        ("vllm:num_requests_waiting",),
+        ("vllm:num_requests_running",),
+        ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    )
+
+    def can_sleep(self, spec):
+        # The sleep endpoints exist only when the engine was started with sleep mode.
+        return "--enable-sleep-mode" in spec.args
 
     def argv(self, spec, host, port, *, in_container):
         args = [
@@ -90,6 +143,11 @@ class VllmEngine(Engine):
 
 class SglangEngine(Engine):
     name = "sglang"
+    metric_names = (
+        ("sglang:num_queue_reqs",),
+        ("sglang:num_running_reqs",),
+        ("sglang:token_usage",),
+    )
 
     def argv(self, spec, host, port, *, in_container):
         args = [
@@ -110,7 +168,10 @@ class SimEngine(Engine):
     """The simulated engine in `runtimes.sim`, with vLLM's HTTP surface."""
 
     name = "sim"
-    supports_sleep = True
+    metric_names = VllmEngine.metric_names
+
+    def can_sleep(self, spec):
+        return True
 
     def argv(self, spec, host, port, *, in_container):
         python = "python3" if in_container else sys.executable

@@ -48,4 +48,8 @@ def build_control_plane(
         drain_timeout=settings.upstream_read_timeout,
         restart_backoff_base=settings.restart_backoff_seconds,
         request_start=request_start,
+        # 0 turns sleep mode off.
+        sleep_after_seconds=settings.sleep_after_seconds or None,
+        scale_out_waiting=settings.scale_out_waiting,
+        min_lifetime=settings.min_lifetime_seconds,
     )

@@ -7,10 +7,10 @@ from flask import current_app
 
 
 @shared_task(name="control.ensure_running", ignore_result=True)
-def ensure_running(model: str) -> None:
+def ensure_running(model: str, replicas: int = 1) -> None:
     control = current_app.extensions["control"]
     try:
-        control.ensure_running(model)
+        control.ensure_running(model, replicas)
     finally:
         control.registry.release_start_request(model)
 
@@ -28,8 +28,8 @@ def start_requester(registry, dedupe_seconds: float = 30.0):
     itself also refuses to start a second instance.
     """
 
-    def request_start(model: str) -> None:
+    def request_start(model: str, replicas: int = 1) -> None:
         if registry.claim_start_request(model, dedupe_seconds):
-            ensure_running.apply_async(args=[model], queue="control")
+            ensure_running.apply_async(args=[model, replicas], queue="control")
 
     return request_start

@@ -15,14 +15,22 @@ from flask import current_app
 
 from runtimes.catalog import ModelSpec
 from runtimes.policy import MAX_FAILED_STARTS
-from runtimes.registry import STARTING, RuntimeRecord, RuntimeRegistry
+from runtimes.registry import SLEEPING, STARTING, RuntimeRecord, RuntimeRegistry
 from webapp.errors import APIError
 
 HOLD_POLL_SECONDS = 0.25
 
 
-def estimate_start_seconds(registry: RuntimeRegistry, spec: ModelSpec, default: float) -> float:
-    """Median of this model's recent starts; else the catalog's figure; else the default."""
+# Before a model's first wake-up is measured: vLLM wakes from level-1 sleep in about a second.
+DEFAULT_WAKE_SECONDS = 2.0
+
+
+def estimate_start_seconds(registry: RuntimeRegistry, spec: ModelSpec, default: float,
+                           records: list[RuntimeRecord]) -> float:
+    """Median of this model's recent starts (or wake-ups, when one of its engines sleeps);
+    else the catalog's figure; else the default."""
+    if any(r.state == SLEEPING for r in records):
+        return registry.median_start_seconds(spec.id, kind="wake") or DEFAULT_WAKE_SECONDS
     observed = registry.median_start_seconds(spec.id)
     if observed is not None:
         return observed
@@ -33,6 +41,7 @@ def retry_after_seconds(records: list[RuntimeRecord], estimate: float, now: floa
     starting = [r for r in records if r.state == STARTING]
     remaining = estimate
     if starting:
+        # The start under way has already used part of the estimate.
         remaining = estimate - (now - min(r.created_at for r in starting))
         if remaining < 1:
             # Overdue: the engine is slower than it was; ask again soon rather than give up.
@@ -73,8 +82,9 @@ def await_runtime(spec: ModelSpec) -> RuntimeRecord:
         if record is not None:
             return record
 
-    estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds)
-    seconds = retry_after_seconds(registry.for_model(spec.id), estimate, time.time())
+    records = registry.for_model(spec.id)
+    estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds, records)
+    seconds = retry_after_seconds(records, estimate, time.time())
     raise APIError(
         503,
         f"The model '{spec.id}' is starting; retry in about {seconds} s.",

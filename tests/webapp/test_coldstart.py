@@ -119,3 +119,50 @@ def test_stale_route_to_a_stopped_engine_becomes_a_cold_start(stack, registry, s
     assert json.loads(response.data)["error"]["code"] == "model_starting"
     warm(stack, model)
     registry.reset_model(model)
+
+
+def _stop_via_control_plane(stack, instance_id: str) -> None:
+    """Stop an instance as an operator would, through a control plane of the stack's own."""
+    from config.settings import load_settings
+    from runtimes.factory import build_control_plane
+
+    env = {k: v for k, v in stack.env.items() if k.isupper()}
+    build_control_plane(load_settings(env)).stop_instance(instance_id, "stopped by the test")
+
+
+def test_retry_after_is_calibrated_by_the_observed_start(stack, registry):
+    model = "sim/calibrate"  # loads in 3 s; the catalog guesses 30 s
+    first = _complete(stack, model)
+    assert int(first.headers["Retry-After"]) == 30
+    warm(stack, model)
+    [record] = ready_records(registry, model)
+    _stop_via_control_plane(stack, record.id)
+    assert not registry.for_model(model)
+
+    response = _complete(stack, model)
+    asked = time.monotonic()
+    promised = int(response.headers["Retry-After"])
+    wait_for(lambda: _complete(stack, model).status == 200, 30, interval=0.05,
+             what="the second start")
+    waited = time.monotonic() - asked
+    assert abs(promised - waited) <= 0.25 * waited, (promised, waited)
+
+
+def test_idle_engine_sleeps_and_wakes_in_about_a_second(stack, registry):
+    model = "sim/sleepy"  # sleeps after 1 s idle; loads in 2 s, wakes in 0.5 s
+    warm(stack, model)
+    [record] = ready_records(registry, model)
+    wait_for(lambda: registry.get(record.id).state == "sleeping", 10, what="sleep")
+    assert any(d["action"] == "sleep" and d["instance"] == record.id
+               for d in registry.recent_decisions(100))
+
+    response = _complete(stack, model)
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) <= 2
+    asked = time.monotonic()
+    wait_for(lambda: _complete(stack, model).status == 200, 10, interval=0.05, what="wake-up")
+    assert time.monotonic() - asked < 2.0  # well under the 2 s cold load
+    [woken] = ready_records(registry, model)
+    assert woken.id == record.id  # the same engine, woken, not a new start
+    wakes = registry.start_durations(model, kind="wake")
+    assert len(wakes) == 1 and 0.5 <= wakes[0] < 2.0
