@@ -168,14 +168,20 @@ class ProcessBackend(Backend):
         exit_path.unlink(missing_ok=True)
 
     def _group_alive(self, instance_id: str, pgid: int) -> bool:
+        """True while a member of the group still runs (zombies do not count: whoever reaps
+        them, init or nobody in a container without one, may take its time)."""
         child = self._children.get(instance_id)
         if child is not None:
-            child.poll()  # reap the wrapper, or its zombie would keep the group "alive"
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+            child.poll()
+        for stat_path in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                stat = stat_path.read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
 
     @staticmethod
     def _signal_group(pgid: int, sig: int) -> None:
