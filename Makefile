@@ -24,5 +24,12 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python -m bench.realtime
 
+simulate: $(STAMP)
+	$(BIN)/python -m bench.simulate
+
+# The sim engine's image, built locally (debootstrap + docker import; no registry). FORCE=1 rebuilds.
+sim-image:
+	scripts/build-sim-image.sh $(if $(FORCE),--force)
+
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -16,6 +16,7 @@ task_routes = {
     "control.*": {"queue": "control"},
     "autoscale.*": {"queue": "control"},
     "downloads.*": {"queue": "downloads"},
+    "batch.sweep": {"queue": "control"},
     "batch.*": {"queue": "batch"},
 }
 
@@ -24,8 +25,8 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 broker_transport_options = {
-    # Above the longest task (an engine start waits up to START_TIMEOUT_SECONDS).
-    "visibility_timeout": 3 * 3600,
+    # Replaced by CELERY_VISIBILITY_TIMEOUT from the settings.
+    "visibility_timeout": 900,
     "queue_order_strategy": "priority",
     "priority_steps": list(range(10)),
     "sep": ":",
@@ -46,5 +47,10 @@ beat_schedule = {
         "task": "autoscale.tick",
         "schedule": 5.0,
         "options": {"queue": "control", "expires": 5.0},
+    },
+    "batch-sweep": {
+        "task": "batch.sweep",
+        "schedule": 15.0,
+        "options": {"queue": "control", "expires": 15.0},
     },
 }

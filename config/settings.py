@@ -53,6 +53,15 @@ class Settings:
     registry_cache_seconds: float
     log_level: str
     log_json: bool
+    files_dir: Path
+    batch_max_lines: int
+    batch_max_file_bytes: int
+    batch_chunk_lines: int
+    batch_chunk_parallel: int
+    batch_max_inflight_per_runtime: int
+    batch_line_attempts: int
+    batch_sweep_seconds: float
+    celery_visibility_timeout: float
     # Where engines run (runtimes.inventory, runtimes.backends.docker).
     docker_host: str
     docker_hosts: tuple  # of runtimes.inventory.GpuHost; empty: one host "local" at docker_host
@@ -121,6 +130,21 @@ def _read(env: Env) -> Settings:
             "LOG_LEVEL", "INFO", validate=OneOf(("DEBUG", "INFO", "WARNING", "ERROR"))
         ),
         log_json=env.bool("LOG_JSON", False),
+        files_dir=env.path("FILES_DIR", REPO_ROOT / "var" / "files"),
+        batch_max_lines=env.int("BATCH_MAX_LINES", 50_000, validate=Range(min=1)),
+        batch_max_file_bytes=env.int(
+            "BATCH_MAX_FILE_BYTES", 200 * 1024 * 1024, validate=Range(min=1024)
+        ),
+        batch_chunk_lines=env.int("BATCH_CHUNK_LINES", 100, validate=Range(min=1, max=10_000)),
+        batch_chunk_parallel=env.int("BATCH_CHUNK_PARALLEL", 32, validate=Range(min=1, max=1024)),
+        batch_max_inflight_per_runtime=env.int(
+            "BATCH_MAX_INFLIGHT_PER_RUNTIME", 64, validate=Range(min=1)
+        ),
+        batch_line_attempts=env.int("BATCH_LINE_ATTEMPTS", 5, validate=Range(min=1, max=100)),
+        batch_sweep_seconds=env.float("BATCH_SWEEP_SECONDS", 15.0, validate=Range(min=0.2)),
+        celery_visibility_timeout=env.float(
+            "CELERY_VISIBILITY_TIMEOUT", 900.0, validate=Range(min=5)
+        ),
         docker_host=env.docker_url("DOCKER_HOST", ""),
         docker_hosts=env.docker_hosts("DOCKER_HOSTS", ""),
         gpus=env.gpu_ids("GPUS", None),

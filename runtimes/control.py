@@ -19,7 +19,7 @@ from runtimes.backends.base import Backend, BackendError, Observed
 from runtimes.catalog import ModelCatalog, ModelSpec
 from runtimes.engines import engine_for
 from runtimes.placement import Inventory, place, used_gpus
-from runtimes.policy import Action, Snapshot, plan
+from runtimes.policy import Action, Snapshot, batch_caps, plan
 from runtimes.registry import (
     DRAINING,
     FAILED,
@@ -56,6 +56,7 @@ class ControlPlane:
         min_lifetime: float = 60.0,
         arrivals_window: float = 300.0,
         batch_pending: Callable[[], dict[str, int]] | None = None,
+        batch_per_runtime: int = 64,
     ):
         self.catalog = catalog
         self.registry = registry
@@ -73,6 +74,7 @@ class ControlPlane:
         self.arrivals_window = arrivals_window
         # Batch lines waiting per model (the batch job store, once there is one).
         self.batch_pending = batch_pending or dict
+        self.batch_per_runtime = batch_per_runtime
         # How the tick asks for a start without waiting for it (a Celery task in production).
         self.request_start = request_start or self.ensure_running
 
@@ -315,6 +317,9 @@ class ControlPlane:
                 self._carry_out(action)
                 decisions.append({"at": snapshot.now, **action.describe()})
             self._probe_starting()
+            self.registry.set_batch_caps(
+                batch_caps(snapshot, self.registry.batch_caps(), self.batch_per_runtime)
+            )
             # "forget" of a failure already recorded is bookkeeping, not a decision worth showing.
             self.registry.record_decisions([d for d in decisions if d["action"] != "forget"])
             return decisions

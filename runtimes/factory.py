@@ -15,6 +15,7 @@ from runtimes.backends.base import Backend
 from runtimes.backends.process import ProcessBackend
 from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
+from runtimes.inventory import gpus_by_host, load_inventory
 from runtimes.registry import RuntimeRegistry
 
 
@@ -31,6 +32,12 @@ def make_backend(settings: Settings) -> Backend:
     from runtimes.backends.docker import DockerBackend  # only where Docker is used
 
     return DockerBackend.from_settings(settings)
+
+
+def gpu_inventory(settings: Settings) -> dict[str, tuple[int, ...]]:
+    """GPU ids per host; empty when no host has any, so GPUs go unmanaged (a laptop, CI)."""
+    inventory = gpus_by_host(load_inventory(settings))
+    return inventory if any(inventory.values()) else {}
 
 
 def build_control_plane(
@@ -52,4 +59,6 @@ def build_control_plane(
         sleep_after_seconds=settings.sleep_after_seconds or None,
         scale_out_waiting=settings.scale_out_waiting,
         min_lifetime=settings.min_lifetime_seconds,
+        batch_per_runtime=settings.batch_max_inflight_per_runtime,
+        gpu_inventory=gpu_inventory(settings),
     )

@@ -309,3 +309,25 @@ def _choose_victims(snapshot: Snapshot, kind: str, model: str, alive: list[Runti
             if best is None or len(chosen) < len(best):
                 best = chosen
     return best or []
+
+
+def batch_caps(snapshot: Snapshot, previous: dict[str, int], per_runtime: int) -> dict[str, int]:
+    """How many batch lines each served model may have in flight: admission control.
+
+    The ceiling is `per_runtime` per ready engine, less the realtime calls in flight. When an
+    engine's own queue grows (it is saturated), batch halves at once; when it is clear, batch
+    grows back by an eighth of the ceiling per pass. Realtime never waits behind batch for long.
+    """
+    caps: dict[str, int] = {}
+    ready: dict[str, list[RuntimeRecord]] = {}
+    for record in snapshot.runtimes:
+        if record.state == READY:
+            ready.setdefault(record.model, []).append(record)
+    for model, records in ready.items():
+        ceiling = per_runtime * len(records)
+        waiting = sum(snapshot.engine_load.get(r.id, EngineLoad()).waiting for r in records)
+        realtime = sum(snapshot.inflight.get(r.id, 0) for r in records)
+        cap = previous.get(model, ceiling)
+        cap = cap // 2 if waiting > 0 else cap + max(1, ceiling // 8)
+        caps[model] = max(1, min(cap, ceiling - realtime))
+    return caps

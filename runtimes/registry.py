@@ -218,6 +218,16 @@ class RuntimeRegistry:
     def release_start_request(self, model: str) -> None:
         self.redis.delete(self.key("ensure", model))
 
+    def batch_caps(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.key("batch_caps")).items()}
+
+    def set_batch_caps(self, caps: dict[str, int]) -> None:
+        pipe = self.redis.pipeline()
+        pipe.delete(self.key("batch_caps"))
+        if caps:
+            pipe.hset(self.key("batch_caps"), mapping=caps)
+        pipe.execute()
+
     # -- failures and decisions ------------------------------------------------------------
 
     def note_failed_start(self, model: str, details: dict) -> int:

@@ -19,7 +19,12 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.conf.update(
         broker_url=settings.redis_url,
         result_backend=settings.redis_url,
+        broker_transport_options={
+            **celery_app.conf.broker_transport_options,
+            "visibility_timeout": settings.celery_visibility_timeout,
+        },
     )
+    celery_app.conf.beat_schedule["batch-sweep"]["schedule"] = settings.batch_sweep_seconds
     celery_app.conf.beat_schedule["autoscale-tick"]["schedule"] = (
         settings.autoscale_interval_seconds
     )

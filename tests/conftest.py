@@ -26,6 +26,7 @@ TOKENS = {
     "allowlist": "test-allowlist-token",
     "rpm": "test-rpm-token",
     "conc": "test-concurrency-token",
+    "batch2": "test-second-batch-token",
 }
 
 
@@ -43,6 +44,7 @@ def keys_document() -> dict:
          "requests_per_minute": 3},
         {"name": "test-conc", "token": TOKENS["conc"], "scopes": ["realtime"],
          "max_concurrency": 1},
+        {"name": "test-batch2", "token": TOKENS["batch2"], "scopes": ["batch"]},
     ]
     return {"keys": keys}
 
@@ -80,6 +82,9 @@ def stack(tmp_path_factory, redis_server, keys_file):
         DATA / "models.test.json",
         keys_file,
         RESTART_BACKOFF_SECONDS="0.2",
+        BATCH_SWEEP_SECONDS="1",
+        BATCH_CHUNK_LINES="50",
+        CELERY_VISIBILITY_TIMEOUT="15",
         MAX_REQUEST_BYTES=str(256 * 1024),
     )
     try:

@@ -118,6 +118,7 @@ class Stack:
             "RUNTIME_TYPE": "sim",
             "RUNTIME_BACKEND": "process",
             "RUNTIME_STATE_DIR": str(self.state_dir),
+            "FILES_DIR": str(workdir / "files"),
             "AUTOSCALE_INTERVAL_SECONDS": "0.5",
             "KEYS_RELOAD_INTERVAL_SECONDS": "1",
             "IDLE_TIMEOUT_SECONDS": "300",
@@ -156,10 +157,18 @@ class Stack:
         wait_for(lambda: b"ready." in self.log_path("worker").read_bytes(), 60,
                  what=f"celery worker\n{self.tail('worker')}")
 
+    def start_batch_worker(self, name: str = "batch", concurrency: int = 50) -> None:
+        self._spawn(name, [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker",
+                           "-Q", "batch", "-P", "gevent", "-c", str(concurrency),
+                           "-l", "INFO", "-n", f"{name}-{self.port}@%h"])
+        wait_for(lambda: b"ready." in self.log_path(name).read_bytes(), 60,
+                 what=f"celery {name} worker\n{self.tail(name)}")
+
     def start(self) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_web()
         self.start_worker()
+        self.start_batch_worker()
         return self
 
     def _healthy(self) -> bool:

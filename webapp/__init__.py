@@ -15,14 +15,19 @@ from flask import Flask
 
 from config.settings import Settings, load_settings
 from runtimes.factory import build_control_plane, make_redis
+from runtimes.routing import RuntimeRouter
+from tasks.batch import enqueue_chunk
+from tasks.batch_service import BatchLimits, BatchService
 from tasks.celery_app import celery_init_app
 from tasks.control import start_requester
+from tasks.filestore import FileStore
+from tasks.jobstore import JobStore
 from webapp.errors import register_error_handlers
 from webapp.keystore import KeyStore
 from webapp.limits import KeyLimiter
 from webapp.logs import configure_logging
 from webapp.relay import EngineClient
-from webapp.routing import RuntimeRouter
+from webapp.schemas import check_engine_body
 from webapp.usage import UsageTracker
 
 
@@ -46,13 +51,35 @@ def register_services(app: Flask, settings: Settings) -> None:
     registry = control.registry
     # The tick asks for starts the same deduplicated way a cold call does.
     control.request_start = request_start = start_requester(registry)
+    files = FileStore(client, settings.files_dir)
+    jobs = JobStore(client)
+    control.batch_pending = jobs.pending
+    router = RuntimeRouter(registry, settings.registry_cache_seconds)
+    batches = BatchService(
+        jobs, files, control.catalog, router,
+        BatchLimits(
+            max_lines=settings.batch_max_lines,
+            max_file_bytes=settings.batch_max_file_bytes,
+            chunk_lines=settings.batch_chunk_lines,
+            chunk_parallel=settings.batch_chunk_parallel,
+            line_attempts=settings.batch_line_attempts,
+            per_runtime_cap=settings.batch_max_inflight_per_runtime,
+        ),
+        enqueue_chunk=enqueue_chunk,
+        validate_line=check_engine_body,
+        connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
+    )
     app.extensions.update(
         redis=client,
+        files=files,
+        jobs=jobs,
+        batches=batches,
         keystore=KeyStore(settings.auth_keys_file, settings.keys_reload_interval_seconds),
         limiter=KeyLimiter(client),
         catalog=control.catalog,
         registry=registry,
-        router=RuntimeRouter(registry, settings.registry_cache_seconds),
+        router=router,
         usage=UsageTracker(registry),
         engine_client=EngineClient(
             settings.upstream_pool_size,
@@ -65,10 +92,11 @@ def register_services(app: Flask, settings: Settings) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from webapp import health, realtime
+    # Imported here, not at the top: the views import this package's extensions at call time.
+    from webapp import batch, batches, files, health, realtime
 
-    app.register_blueprint(health.bp)
-    app.register_blueprint(realtime.bp)
+    for module in (health, realtime, batch, files, batches):
+        app.register_blueprint(module.bp)
 
 
 def register_reload_signal(app: Flask) -> None:

@@ -27,7 +27,8 @@ def _presented_token(allow_query_key: bool) -> str | None:
     return None
 
 
-def authenticate(scope: str, allow_query_key: bool = False) -> ApiKey:
+def authenticate(scopes: tuple[str, ...], allow_query_key: bool = False) -> ApiKey:
+    """The key of this request if it holds one of `scopes`; else the 401 or 403."""
     token = _presented_token(allow_query_key)
     if token is None:
         raise APIError(
@@ -38,10 +39,11 @@ def authenticate(scope: str, allow_query_key: bool = False) -> ApiKey:
     key = current_app.extensions["keystore"].lookup(token)
     if key is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    if scope not in key.scopes:
+    if key.scopes.isdisjoint(scopes):
+        needed = " or ".join(f"'{s}'" for s in scopes)
         raise APIError(
             403,
-            f"This key lacks the '{scope}' scope needed for this endpoint.",
+            f"This key lacks the {needed} scope needed for this endpoint.",
             type="permission_error",
             code="insufficient_scope",
         )
@@ -49,14 +51,16 @@ def authenticate(scope: str, allow_query_key: bool = False) -> ApiKey:
     return key
 
 
-def require_scope(scope: str, allow_query_key: bool = False) -> Callable:
+def require_scope(*scopes: str, allow_query_key: bool = False) -> Callable:
+    """Guard a view: the key must hold at least one of `scopes`."""
+
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
         def guarded(*args, **kwargs):
-            authenticate(scope, allow_query_key)
+            authenticate(scopes, allow_query_key)
             return view(*args, **kwargs)
 
-        guarded.required_scope = scope
+        guarded.required_scopes = scopes
         return guarded
 
     return decorator

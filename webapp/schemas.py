@@ -65,6 +65,15 @@ class ChatCompletionRequest(_Sampling):
 
 COMPLETION = CompletionRequest()
 CHAT_COMPLETION = ChatCompletionRequest()
+SCHEMA_BY_ENDPOINT = {"/v1/completions": COMPLETION, "/v1/chat/completions": CHAT_COMPLETION}
+
+
+def check_engine_body(endpoint: str, body: dict) -> None:
+    """Raise ValueError naming the first bad field of a request body for `endpoint`."""
+    errors = SCHEMA_BY_ENDPOINT[endpoint].validate(body)
+    if errors:
+        field, messages = next(iter(sorted(errors.items())))
+        raise ValueError(f"'{field}': {messages[0] if isinstance(messages, list) else messages}")
 
 
 def parse_json_object(raw: bytes) -> dict:

@@ -1,8 +1,8 @@
 """Which engine instance serves a call: the ready instances of a model, fewest calls in flight.
 
-Each web worker keeps the registry's records for `cache_seconds` (0.5 s by default), so the
-proxy's hot path makes no Redis round trip; a call that finds its engine gone invalidates the
-cache and looks again.
+Each web worker (and batch worker) keeps the registry's records for `cache_seconds` (0.5 s by
+default), so the proxy's hot path makes no Redis round trip; a call that finds its engine gone
+invalidates the cache and looks again.
 """
 
 from __future__ import annotations

@@ -1,0 +1,417 @@
+"""Batch work: OpenAI-style batches from JSONL files, and single batch completions.
+
+A batch is validated in one pass over its input file (streamed), then cut into chunks of lines;
+each chunk is one Celery message with the batch's priority. A chunk runs its lines concurrently,
+each under an admission lease of its model (the autoscaler lowers the cap when realtime traffic
+needs the engine), and stores each result exactly once in the job store. A chunk whose model has
+no ready engine is put back with a countdown instead of holding a worker, and its waiting lines
+are the model's queue depth, which makes the autoscaler start the engine. Transient engine
+failures (refused, reset, 5xx) leave a line to be retried, not failed.
+
+When every chunk is closed (or the batch is cancelled or expires) the results are written to
+the output and error files, streamed from Redis, and the batch reaches its final state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import urllib3
+
+from runtimes.catalog import ModelCatalog
+from runtimes.leases import LeaseSet
+from runtimes.routing import RuntimeRouter
+from tasks.filestore import FileStore
+from tasks.jobstore import JobStore
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+WINDOWS = {"24h": 24 * 3600}
+MAX_REPORTED_ERRORS = 100
+# Seconds a chunk waits before looking again for its model's engine, or after a transient error.
+REQUEUE_SECONDS = 3.0
+# How long a worker trusts what it read of a job's status and the admission caps: every line
+# checks both, and a cancel need only stop dispatch "quickly", not within a microsecond.
+STATE_CACHE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_lines: int = 50_000
+    max_file_bytes: int = 200 * 1024 * 1024
+    chunk_lines: int = 100
+    chunk_parallel: int = 32
+    line_attempts: int = 5
+    per_runtime_cap: int = 64
+    cancel_grace_seconds: float = 60.0
+
+
+class Transient(Exception):
+    """The engine could not answer now; try the line again later."""
+
+
+class BatchService:
+    def __init__(self, jobs: JobStore, files: FileStore, catalog: ModelCatalog,
+                 router: RuntimeRouter, limits: BatchLimits,
+                 enqueue_chunk: Callable[..., None], validate_line: Callable[[str, dict], None],
+                 connect_timeout: float = 5.0, read_timeout: float = 600.0):
+        self.jobs = jobs
+        self.files = files
+        self.catalog = catalog
+        self.router = router
+        self.limits = limits
+        self.enqueue_chunk = enqueue_chunk
+        # Checks a request body for an endpoint; raises ValueError naming the bad field.
+        self.validate_line = validate_line
+        self.admission = LeaseSet(jobs.redis, f"{jobs.prefix}:batch_inflight",
+                                  lease_seconds=read_timeout + 60)
+        self.http = urllib3.PoolManager(num_pools=64, maxsize=limits.chunk_parallel * 2,
+                                        retries=False)
+        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._status: dict[str, tuple[float, str | None]] = {}
+        self._caps: tuple[float, dict[str, int]] = (0.0, {})
+
+    # -- creating --------------------------------------------------------------------------
+
+    def create_batch(self, owner: str, input_file_id: str, endpoint: str, window: str,
+                     metadata: dict | None, priority: int,
+                     allowed_models: list[str] | None = None) -> dict:
+        now = int(time.time())
+        return batch_object(self.jobs.get(self.jobs.create("batch", owner, {
+            "status": "validating", "endpoint": endpoint, "input_file_id": input_file_id,
+            "completion_window": window, "metadata": metadata, "priority": priority,
+            "expires_at": now + WINDOWS[window], "total": 0, "allowed_models": allowed_models,
+        })))
+
+    def create_completion(self, owner: str, endpoint: str, body: dict, priority: int) -> dict:
+        job_id = self.jobs.create("completion", owner, {
+            "status": "queued", "endpoint": endpoint, "body": body, "model": body["model"],
+            "priority": priority, "total": 1, "chunks_total": 1,
+        })
+        self.jobs.add_pending(job_id, {body["model"]: 1})
+        self.enqueue_chunk(job_id, 0, 1, 0, priority)
+        return self.jobs.get(job_id)
+
+    # -- validating ------------------------------------------------------------------------
+
+    def validate(self, batch_id: str) -> None:
+        job = self.jobs.get(batch_id)
+        if job is None or job["status"] != "validating":
+            return
+        errors: list[dict] = []
+        seen: set[str] = set()
+        per_model: dict[str, int] = {}
+        chunks: list[tuple[int, int, int]] = []  # first line, end line, byte offset
+        count = 0
+        offset = 0
+        chunk_start, chunk_offset = 0, 0
+        path = self.files.path(job["input_file_id"])
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                line_offset = offset
+                offset += len(raw)
+                if not raw.strip():
+                    continue
+                problem = self._check_line(raw, job["endpoint"], seen, per_model,
+                                           job.get("allowed_models"))
+                if problem is not None:
+                    if len(errors) < MAX_REPORTED_ERRORS:
+                        errors.append({**problem, "line": number})
+                    continue
+                if count % self.limits.chunk_lines == 0:
+                    if count:
+                        chunks.append((chunk_start, number - 1, chunk_offset))
+                    chunk_start, chunk_offset = number - 1, line_offset
+                count += 1
+                if count > self.limits.max_lines:
+                    errors.append({"code": "too_many_lines", "line": number, "param": None,
+                                   "message": f"more than {self.limits.max_lines} lines"})
+                    break
+        if count:
+            chunks.append((chunk_start, number, chunk_offset))
+        if not count and not errors:
+            errors.append({"code": "empty_file", "line": None, "param": None,
+                           "message": "the input file holds no requests"})
+        if errors:
+            self.jobs.update(batch_id, errors={"object": "list", "data": errors})
+            self.jobs.transition(batch_id, ("validating",), "failed", "failed_at")
+            self.jobs.close(batch_id)
+            return
+        self.jobs.update(batch_id, total=count, chunks_total=len(chunks))
+        self.jobs.add_pending(batch_id, per_model)
+        if not self.jobs.transition(batch_id, ("validating",), "in_progress", "in_progress_at"):
+            self.jobs.close(batch_id)  # cancelled while validating
+            return
+        for first, end, byte_offset in chunks:
+            self.enqueue_chunk(batch_id, first, end, byte_offset, job["priority"])
+
+    def _check_line(self, raw: bytes, endpoint: str, seen: set[str],
+                    per_model: dict[str, int], allowed: list[str] | None) -> dict | None:
+        def problem(code: str, message: str, param: str | None = None) -> dict:
+            return {"code": code, "message": message, "param": param}
+
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            return problem("invalid_json", "the line is not valid JSON")
+        if not isinstance(line, dict):
+            return problem("invalid_request", "the line must be a JSON object")
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            return problem("missing_custom_id", "custom_id must be a non-empty string",
+                           "custom_id")
+        if custom_id in seen:
+            return problem("duplicate_custom_id", f"custom_id {custom_id!r} appears twice",
+                           "custom_id")
+        if line.get("method", "POST") != "POST":
+            return problem("invalid_method", "method must be POST", "method")
+        if line.get("url") != endpoint:
+            return problem("invalid_url", f"url must be the batch's endpoint {endpoint}", "url")
+        body = line.get("body")
+        if not isinstance(body, dict):
+            return problem("invalid_body", "body must be a JSON object", "body")
+        model = body.get("model")
+        if not isinstance(model, str) or model not in self.catalog:
+            return problem("model_not_found", f"model {model!r} is not served here", "body.model")
+        if allowed is not None and model not in allowed:
+            return problem("model_not_allowed", f"this key may not use model {model!r}",
+                           "body.model")
+        try:
+            self.validate_line(endpoint, body)
+        except ValueError as exc:
+            return problem("invalid_body", str(exc), "body")
+        seen.add(custom_id)
+        per_model[model] = per_model.get(model, 0) + 1
+        return None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _lines(self, job: dict, first: int, end: int, offset: int) -> list[tuple[int, dict]]:
+        """(line number, request) of the chunk's lines: line numbers count from 1."""
+        if job["kind"] == "completion":
+            return [(1, {"custom_id": job["id"], "url": job["endpoint"], "body": job["body"]})]
+        lines = []
+        with open(self.files.path(job["input_file_id"]), "rb") as fh:
+            fh.seek(offset)
+            for number in range(first + 1, end + 1):
+                raw = fh.readline()
+                if raw.strip():
+                    lines.append((number, json.loads(raw)))
+        return lines
+
+    def run_chunk(self, job_id: str, first: int, end: int, offset: int) -> float | None:
+        """Run the chunk's lines not yet done; return a countdown if it must come back later."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job["status"] not in ("in_progress", "running", "queued"):
+            self._close_chunk(job, first)
+            return None
+        lines = self._lines(job, first, end, offset)
+        done = self.jobs.done_lines(job_id, [n for n, _ in lines])
+        todo = [(n, line) for n, line in lines if n not in done]
+        waiting = [(n, line) for n, line in todo if not self.router.ready(line["body"]["model"])]
+        runnable = [item for item in todo if item not in waiting]
+        left = list(waiting)
+        if runnable and job["kind"] == "completion":
+            self.jobs.transition(job_id, ("queued",), "running", "started_at")
+        if runnable:
+            with ThreadPoolExecutor(min(self.limits.chunk_parallel, len(runnable))) as pool:
+                outcomes = list(pool.map(lambda item: self._run_line(job, *item), runnable))
+            left += [item for item, finished in zip(runnable, outcomes, strict=True)
+                     if not finished]
+        if left and self._still_running(job_id):
+            return REQUEUE_SECONDS
+        self._close_chunk(self.jobs.get(job_id), first)
+        return None
+
+    def _still_running(self, job_id: str) -> bool:
+        now = time.monotonic()
+        seen, status = self._status.get(job_id, (0.0, None))
+        if now - seen > STATE_CACHE_SECONDS:
+            raw = self.jobs.redis.hget(self.jobs.key(job_id), "status")
+            status = raw.decode() if raw else None
+            self._status[job_id] = (now, status)
+        return status in ("in_progress", "running", "queued")
+
+    def _run_line(self, job: dict, number: int, line: dict) -> bool:
+        """Run one line; True when its result is stored (or it was already)."""
+        model = line["body"]["model"]
+        lease = None
+        while lease is None:
+            if not self._still_running(job["id"]):
+                return False
+            cap = self._cap(model)
+            lease = self.admission.acquire(model, cap)
+            if lease is None:
+                time.sleep(0.05)
+        try:
+            ok, payload = self._call(job, line)
+        except Transient as exc:
+            attempts = self.jobs.note_attempt(job["id"], number)
+            if attempts < self.limits.line_attempts:
+                log.info("line %d of %s will be retried (%s)", number, job["id"], exc)
+                return False
+            ok, payload = False, self._error_line(line, "engine_error", str(exc))
+        finally:
+            self.admission.release(model, lease)
+        self.jobs.record_line(job["id"], number, model, ok, payload)
+        return True
+
+    def _cap(self, model: str) -> int:
+        """Lines of `model` allowed in flight: set by the autoscaler; else a default per engine."""
+        now = time.monotonic()
+        seen, caps = self._caps
+        if now - seen > STATE_CACHE_SECONDS:
+            caps = self.router.registry.batch_caps()
+            self._caps = (now, caps)
+        cap = caps.get(model)
+        if cap is not None:
+            return max(1, cap)
+        return self.limits.per_runtime_cap * max(1, len(self.router.ready(model)))
+
+    def _call(self, job: dict, line: dict) -> tuple[bool, dict]:
+        record = self.router.pick(line["body"]["model"], {})
+        if record is None:
+            raise Transient("no ready engine")
+        request_id = f"req_{uuid.uuid4().hex[:24]}"
+        try:
+            response = self.http.request(
+                "POST", f"{record.endpoint}{line['url']}", body=json.dumps(line["body"]).encode(),
+                headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+                timeout=self.timeout,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            self.router.invalidate()
+            raise Transient(f"engine unreachable: {type(exc).__name__}") from None
+        if response.status >= 500:
+            raise Transient(f"engine answered {response.status}")
+        try:
+            body = json.loads(response.data)
+        except ValueError:
+            body = {"error": {"message": response.data.decode(errors="replace")[:500]}}
+        result = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
+                  "response": {"status_code": response.status, "request_id": request_id,
+                               "body": body},
+                  "error": None}
+        return response.status < 400, result
+
+    @staticmethod
+    def _error_line(line: dict, code: str, message: str) -> dict:
+        return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
+                "response": None, "error": {"code": code, "message": message}}
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def _close_chunk(self, job: dict | None, first: int) -> None:
+        if job is None:
+            return
+        self.jobs.close_chunk(job["id"], first)
+        closed = self.jobs.redis.scard(self.jobs.key(job["id"], "chunks"))
+        # An expiring batch is finalized by the sweep, once its open lines are marked.
+        if closed >= (job.get("chunks_total") or 0) and job["status"] != "expiring":
+            self.finalize(job["id"])
+
+    def cancel(self, job_id: str) -> dict | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job["kind"] == "completion":
+            if self.jobs.transition(job_id, ("queued", "running"), "cancelled", "finished_at"):
+                self.jobs.close(job_id)
+        elif self.jobs.transition(job_id, ("validating", "in_progress"), "cancelling",
+                                  "cancelling_at") and job["status"] == "validating":
+            self.finalize(job_id)
+        return self.jobs.get(job_id)
+
+    def finalize(self, job_id: str) -> None:
+        """Write the output and error files and reach the final state, exactly once."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if job["kind"] == "completion":
+            self._finish_completion(job)
+            return
+        final = {"in_progress": ("completed", "completed_at"),
+                 "cancelling": ("cancelled", "cancelled_at"),
+                 "expiring": ("expired", "expired_at")}.get(job["status"])
+        if final is None or not self.jobs.transition(job_id, (job["status"],), "finalizing",
+                                                     "finalizing_at"):
+            return
+        outputs = {}
+        for which, purpose in (("out", "batch_output"), ("err", "batch_output")):
+            if self.jobs.redis.hlen(self.jobs.key(job_id, which)):
+                stored = self.files.save(job["owner"], purpose,
+                                         f"{job_id}_{'output' if which == 'out' else 'error'}"
+                                         ".jsonl", self.jobs.iter_results(job_id, which))
+                outputs[which] = stored.id
+        self.jobs.update(job_id, output_file_id=outputs.get("out"),
+                         error_file_id=outputs.get("err"))
+        self.jobs.transition(job_id, ("finalizing",), *final)
+        self.jobs.close(job_id)
+        self.jobs.drop_results(job_id)
+
+    def _finish_completion(self, job: dict) -> None:
+        result = self.jobs.line_result(job["id"], 1)
+        if result is None:
+            return
+        ok, payload = result
+        response = (payload.get("response") or {}).get("body")
+        self.jobs.update(job["id"], response=response,
+                         error=None if ok else (payload.get("error") or response))
+        if self.jobs.transition(job["id"], ("running", "queued"),
+                                "succeeded" if ok else "failed", "finished_at"):
+            self.jobs.close(job["id"])
+
+    def sweep(self, now: float | None = None) -> None:
+        """Expire batches past their window; finish cancellations whose chunks never came back."""
+        now = time.time() if now is None else now
+        for job in self.jobs.open_jobs():
+            if job["kind"] != "batch":
+                continue
+            if job["status"] == "in_progress" and (job.get("expires_at") or now) <= now:
+                if self.jobs.transition(job["id"], ("in_progress",), "expiring"):
+                    self._expire_open_lines(job)
+                    self.finalize(job["id"])
+            elif (job["status"] == "cancelling"
+                  and now - (job.get("cancelling_at") or now) > self.limits.cancel_grace_seconds):
+                self.finalize(job["id"])
+
+    def _expire_open_lines(self, job: dict) -> None:
+        with open(self.files.path(job["input_file_id"]), "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if not raw.strip() or self.jobs.done_lines(job["id"], [number]):
+                    continue
+                line = json.loads(raw)
+                self.jobs.record_line(
+                    job["id"], number, line["body"]["model"], False,
+                    self._error_line(line, "batch_expired",
+                                     "the batch expired before this request ran"))
+
+
+def batch_object(job: dict) -> dict:
+    """A stored batch job as OpenAI's `Batch` object."""
+    status = job["status"]
+    if status == "expiring":
+        status = "finalizing"
+    return {
+        "id": job["id"], "object": "batch", "endpoint": job["endpoint"],
+        "errors": job.get("errors"), "input_file_id": job["input_file_id"],
+        "completion_window": job["completion_window"], "status": status,
+        "output_file_id": job.get("output_file_id"), "error_file_id": job.get("error_file_id"),
+        "created_at": job["created_at"], "in_progress_at": job.get("in_progress_at"),
+        "expires_at": job.get("expires_at"), "finalizing_at": job.get("finalizing_at"),
+        "completed_at": job.get("completed_at"), "failed_at": job.get("failed_at"),
+        "expired_at": job.get("expired_at"), "cancelling_at": job.get("cancelling_at"),
+        "cancelled_at": job.get("cancelled_at"),
+        "request_counts": {"total": job.get("total") or 0, "completed": job.get("completed") or 0,
+                           "failed": job.get("failed") or 0},
+        "metadata": job.get("metadata"),
+    }

@@ -1,0 +1,214 @@
+"""Batch jobs in Redis: OpenAI-style batches and single batch completions, and each line's result.
+
+A job is a Redis hash; each finished line's result is stored once, in the job's `out` (success)
+or `err` (failure) hash, by a Lua script that refuses a line already recorded. That is what makes
+a redelivered Celery message harmless: it finds its lines done and skips them. The waiting lines
+per model (`batch_pending`) are what the autoscaler sees as batch queue depth.
+
+No Flask or Celery here: the web app and the workers share it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import redis
+
+# KEYS: out, err, job, pending, job's remaining. ARGV: line, payload, ok ("1"/"0"), model.
+_RECORD_LINE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return 0
+end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[3], 'completed', 1)
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[3], 'failed', 1)
+end
+if redis.call('HINCRBY', KEYS[4], ARGV[4], -1) <= 0 then redis.call('HDEL', KEYS[4], ARGV[4]) end
+redis.call('HINCRBY', KEYS[5], ARGV[4], -1)
+return 1
+"""
+
+# KEYS: job. ARGV: new status, timestamp field, now, allowed statuses...
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+for i = 4, #ARGV do
+  if current == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1])
+    if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+    return 1
+  end
+end
+return 0
+"""
+
+JSON_FIELDS = ("metadata", "errors", "body", "response", "error", "allowed_models")
+INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
+              "expired_at", "cancelling_at", "cancelled_at", "expires_at", "started_at",
+              "finished_at", "total", "completed", "failed", "priority", "chunks_total")
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "gw"):
+        self.redis = client
+        self.prefix = prefix
+        self._record_line = client.register_script(_RECORD_LINE)
+        self._transition = client.register_script(_TRANSITION)
+
+    def key(self, job_id: str, part: str = "") -> str:
+        return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def create(self, kind: str, owner: str, fields: dict) -> str:
+        prefix = "batch" if kind == "batch" else "bcmpl"
+        job_id = f"{prefix}_{uuid.uuid4().hex[:24]}"
+        now = time.time()
+        record = {"id": job_id, "kind": kind, "owner": owner, "created_at": int(now),
+                  "completed": 0, "failed": 0, **fields}
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(job_id), mapping=_encode(record))
+        pipe.zadd(f"{self.prefix}:jobs:{kind}", {job_id: now})
+        pipe.zadd(f"{self.prefix}:jobs:{kind}:owner:{owner}", {job_id: now})
+        pipe.zadd(f"{self.prefix}:jobs:open", {job_id: now})
+        pipe.execute()
+        return job_id
+
+    def get(self, job_id: str) -> dict | None:
+        raw = self.redis.hgetall(self.key(job_id))
+        return _decode(raw) if raw else None
+
+    def update(self, job_id: str, **fields) -> None:
+        self.redis.hset(self.key(job_id), mapping=_encode(fields))
+
+    def incr(self, job_id: str, field: str, amount: int = 1) -> int:
+        return int(self.redis.hincrby(self.key(job_id), field, amount))
+
+    def transition(self, job_id: str, from_statuses: tuple[str, ...], status: str,
+                   stamp: str = "") -> bool:
+        """Set `status` (and the `stamp` time field) if the job is in one of `from_statuses`."""
+        return bool(self._transition(keys=[self.key(job_id)],
+                                     args=[status, stamp, int(time.time()), *from_statuses]))
+
+    def list(self, kind: str, owner: str | None, after: str | None,
+             limit: int) -> tuple[list[dict], bool]:
+        """Newest first; `after` is the last id of the previous page."""
+        index = f"{self.prefix}:jobs:{kind}" + (f":owner:{owner}" if owner else "")
+        start = 0
+        if after is not None:
+            rank = self.redis.zrevrank(index, after)
+            start = rank + 1 if rank is not None else 0
+        ids = [i.decode() for i in self.redis.zrevrange(index, start, start + limit)]
+        jobs = [job for job in (self.get(i) for i in ids[:limit]) if job is not None]
+        return jobs, len(ids) > limit
+
+    def open_jobs(self) -> list[dict]:
+        """Jobs not yet in a final state (for the expiry and cancel sweep)."""
+        ids = self.redis.zrange(f"{self.prefix}:jobs:open", 0, -1)
+        return [job for job in (self.get(i.decode()) for i in ids) if job is not None]
+
+    def close(self, job_id: str) -> None:
+        """The job reached a final state: leave the open set; give back its unfinished lines'
+        share of the queue depth."""
+        remaining = self.redis.hgetall(self.key(job_id, "remaining"))
+        pipe = self.redis.pipeline()
+        for model, count in remaining.items():
+            if int(count) > 0:
+                pipe.hincrby(f"{self.prefix}:batch_pending", model, -int(count))
+        pipe.delete(self.key(job_id, "remaining"))
+        pipe.zrem(f"{self.prefix}:jobs:open", job_id)
+        pipe.execute()
+        # Drop models whose queue went to zero (or below, after a race with a late line).
+        for model, count in self.redis.hgetall(f"{self.prefix}:batch_pending").items():
+            if int(count) <= 0:
+                self.redis.hdel(f"{self.prefix}:batch_pending", model)
+
+    # -- lines ---------------------------------------------------------------------------
+
+    def record_line(self, job_id: str, line: int, model: str, ok: bool, payload: dict) -> bool:
+        """Store a line's result once; False if the line was already recorded."""
+        return bool(self._record_line(
+            keys=[self.key(job_id, "out"), self.key(job_id, "err"), self.key(job_id),
+                  f"{self.prefix}:batch_pending", self.key(job_id, "remaining")],
+            args=[line, json.dumps(payload), "1" if ok else "0", model],
+        ))
+
+    def done_lines(self, job_id: str, lines: list[int]) -> set[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for line in lines:
+            pipe.hexists(self.key(job_id, "out"), line)
+            pipe.hexists(self.key(job_id, "err"), line)
+        flags = pipe.execute()
+        return {line for i, line in enumerate(lines) if flags[2 * i] or flags[2 * i + 1]}
+
+    def line_result(self, job_id: str, line: int) -> tuple[bool, dict] | None:
+        out = self.redis.hget(self.key(job_id, "out"), line)
+        if out is not None:
+            return True, json.loads(out)
+        err = self.redis.hget(self.key(job_id, "err"), line)
+        return (False, json.loads(err)) if err is not None else None
+
+    def iter_results(self, job_id: str, which: str, block: int = 500) -> Iterator[bytes]:
+        """The stored result lines (`out` or `err`) in line order, `block` at a time."""
+        key = self.key(job_id, which)
+        lines = sorted(int(k) for k in self.redis.hkeys(key))
+        for start in range(0, len(lines), block):
+            part = lines[start:start + block]
+            for value in self.redis.hmget(key, part):
+                if value is not None:
+                    yield value + b"\n"
+
+    def drop_results(self, job_id: str) -> None:
+        self.redis.delete(self.key(job_id, "out"), self.key(job_id, "err"),
+                          self.key(job_id, "attempts"), self.key(job_id, "chunks"))
+
+    def close_chunk(self, job_id: str, start: int) -> bool:
+        """Count a chunk as finished, once however often its message is delivered."""
+        return bool(self.redis.sadd(self.key(job_id, "chunks"), start))
+
+    def note_attempt(self, job_id: str, line: int) -> int:
+        return int(self.redis.hincrby(self.key(job_id, "attempts"), line, 1))
+
+    # -- queue depth for the autoscaler ----------------------------------------------------
+
+    def add_pending(self, job_id: str, counts: dict[str, int]) -> None:
+        pipe = self.redis.pipeline()
+        for model, count in counts.items():
+            if count:
+                pipe.hincrby(f"{self.prefix}:batch_pending", model, count)
+                pipe.hincrby(self.key(job_id, "remaining"), model, count)
+        pipe.execute()
+
+    def pending(self) -> dict[str, int]:
+        raw = self.redis.hgetall(f"{self.prefix}:batch_pending")
+        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+
+
+def _encode(fields: dict) -> dict:
+    encoded = {}
+    for name, value in fields.items():
+        if name in JSON_FIELDS:
+            encoded[name] = json.dumps(value)
+        elif value is None:
+            encoded[name] = ""
+        else:
+            encoded[name] = str(value)
+    return encoded
+
+
+def _decode(raw: dict) -> dict:
+    decoded: dict = {}
+    for key, value in raw.items():
+        name, text = key.decode(), value.decode()
+        if name in JSON_FIELDS:
+            decoded[name] = json.loads(text) if text else None
+        elif name in INT_FIELDS:
+            decoded[name] = int(float(text)) if text else None
+        else:
+            decoded[name] = text or None
+    return decoded

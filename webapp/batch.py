@@ -1,0 +1,70 @@
+"""The original README's batch endpoint: `/v1/batch/completions` (scope `batch`).
+
+One completion (a completions body, or a chat body with `messages`) plus `priority` (0-9, larger
+runs sooner, default 0), run by the batch workers in priority order when GPU time allows.
+`POST` answers 202 with the job's `status_url`; `GET` that URL for the status and, once done,
+the engine's completion object; `POST .../cancel` cancels it if it has not finished.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, g, request, url_for
+
+from webapp.auth import check_model_allowed, require_scope
+from webapp.batches import owned_job, parse_priority
+from webapp.errors import APIError
+from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
+
+bp = Blueprint("batch", __name__)
+
+
+def job_view(job: dict) -> dict:
+    return {
+        "id": job["id"],
+        "object": "batch.completion",
+        "status": job["status"],
+        "model": job.get("model"),
+        "endpoint": job["endpoint"],
+        "priority": job.get("priority") or 0,
+        "created_at": job["created_at"],
+        "started_at": job.get("started_at"),
+        "finished_at": job.get("finished_at"),
+        "status_url": url_for("batch.status", job_id=job["id"]),
+        "result": job.get("response") if job["status"] == "succeeded" else None,
+        "error": job.get("error"),
+    }
+
+
+@bp.post("/v1/batch/completions")
+@require_scope("batch")
+def submit():
+    body = parse_json_object(request.get_data(cache=False))
+    priority = parse_priority(body.pop("priority", None))
+    is_chat = "messages" in body
+    validate_body(CHAT_COMPLETION if is_chat else COMPLETION, body)
+    if body.get("stream"):
+        raise APIError(400, "A batch completion cannot stream.", code="invalid_value",
+                       param="stream")
+    model = body["model"]
+    if model not in current_app.extensions["catalog"]:
+        raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
+                       param="model")
+    check_model_allowed(g.api_key, model)
+    endpoint = "/v1/chat/completions" if is_chat else "/v1/completions"
+    job = current_app.extensions["batches"].create_completion(
+        g.api_key.name, endpoint, body, priority
+    )
+    return job_view(job), 202, {"Location": url_for("batch.status", job_id=job["id"])}
+
+
+@bp.get("/v1/batch/completions/<job_id>")
+@require_scope("batch", "monitor")
+def status(job_id: str):
+    return job_view(owned_job(job_id, "completion"))
+
+
+@bp.post("/v1/batch/completions/<job_id>/cancel")
+@require_scope("batch")
+def cancel(job_id: str):
+    owned_job(job_id, "completion")
+    return job_view(current_app.extensions["batches"].cancel(job_id))
