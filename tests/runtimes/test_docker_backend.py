@@ -8,6 +8,7 @@ that label and checking that none is left.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -315,7 +316,9 @@ def test_create_requests_gpus_mounts_the_cache_and_labels_the_container(
     (snapshot / "config.json").write_text("{}")
     assert hf_snapshot_cached(hf_home, "org/name")
     backend = local_backend(hf_home, hf_token="hf_example_token")
-    spec = catalog.get("org/name")
+    # A vLLM entry (with the local sim image standing in for vLLM's: only created, never run),
+    # since the sim engine is told its GPUs instead of asking Docker for devices.
+    spec = dataclasses.replace(catalog.get("org/name"), engine="vllm", image=SIM_IMAGE)
     engine = engine_for(spec)
     instance_id = new_id()
     before = time.time()
@@ -336,7 +339,8 @@ def test_create_requests_gpus_mounts_the_cache_and_labels_the_container(
         config = container.attrs["Config"]
         assert config["Image"] == SIM_IMAGE
         assert config["Cmd"] == list(engine.launch(spec, "0.0.0.0", 8000, in_container=True).argv)
-        assert config["Cmd"][:3] == ["python3", "-m", "runtimes.sim"]
+        assert config["Cmd"][:2] == ["--model", "org/name"]
+        assert "--served-model-name" in config["Cmd"]
         env = dict(item.split("=", 1) for item in config["Env"])
         assert env["HF_HOME"] == HF_MOUNT
         assert env["HF_HUB_OFFLINE"] == "1"
@@ -348,7 +352,7 @@ def test_create_requests_gpus_mounts_the_cache_and_labels_the_container(
         assert labels["llm-gateway.orchestrator"] == ORCHESTRATOR_ID
         assert labels["llm-gateway.instance"] == instance_id
         assert labels["llm-gateway.model"] == "org/name"
-        assert labels["llm-gateway.engine"] == "sim"
+        assert labels["llm-gateway.engine"] == "vllm"
         assert labels["llm-gateway.fingerprint"] == spec.fingerprint
         assert labels["llm-gateway.gpus"] == "1,3"
         assert labels["llm-gateway.gpu-host"] == "local"
@@ -361,6 +365,20 @@ def test_create_requests_gpus_mounts_the_cache_and_labels_the_container(
     finally:
         backend.stop(f"local/{container.id}", grace=1)
     assert docker_ps_all(instance_id) == []
+
+
+def test_sim_engine_is_told_its_gpus_without_a_device_request(docker_engine, hf_home, catalog):
+    backend = local_backend(hf_home)
+    spec = catalog.get("org/name")
+    instance_id = new_id()
+    container = backend.create(instance_id, spec, engine_for(spec), gpus=(0,))
+    try:
+        assert not container.attrs["HostConfig"].get("DeviceRequests")
+        env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+        assert env["CUDA_VISIBLE_DEVICES"] == "0"
+        assert container.attrs["Config"]["Labels"]["llm-gateway.gpus"] == "0"
+    finally:
+        backend.stop(f"local/{container.id}", grace=1)
 
 
 def test_create_with_a_shm_size_and_no_cached_snapshot(docker_engine, hf_home, catalog):
