@@ -18,7 +18,7 @@ import redis
 from runtimes.backends.base import Backend, BackendError, Observed
 from runtimes.catalog import ModelCatalog, ModelSpec
 from runtimes.engines import engine_for
-from runtimes.placement import Inventory, place, used_gpus
+from runtimes.placement import Inventory, place, used_gpus, with_reservations
 from runtimes.policy import Action, Snapshot, batch_caps, plan
 from runtimes.registry import (
     DRAINING,
@@ -35,6 +35,8 @@ from runtimes.registry import (
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_SECONDS = 0.25
+# How long GPUs freed by an eviction stay set aside for the model they were freed for.
+RESERVATION_SECONDS = 300.0
 
 
 class ControlPlane:
@@ -114,11 +116,14 @@ class ControlPlane:
             if len(live) >= replicas:
                 return None
             if self.gpu_inventory:
-                spot = place(spec.gpus, self.gpu_inventory, used_gpus(records))
+                taken = with_reservations(used_gpus(records), self.registry.reservations(),
+                                          spec.id)
+                spot = place(spec.gpus, self.gpu_inventory, taken)
                 if spot is None:
                     log.info("no free GPUs for %s yet: the autoscaler will make room", spec.id)
                     return None
                 gpu_host, gpus = spot
+                self.registry.release_reservation(spec.id)
             else:
                 gpu_host, gpus = "local", ()
             now = time.time()
@@ -291,6 +296,7 @@ class ControlPlane:
             sleep_after_seconds=self.sleep_after_seconds,
             scale_out_waiting=self.scale_out_waiting,
             min_lifetime=self.min_lifetime,
+            reservations=self.registry.reservations(now),
         )
 
     def _engine_load(self, records: list[RuntimeRecord]):
@@ -329,6 +335,11 @@ class ControlPlane:
             except redis.exceptions.LockError:
                 log.warning("tick outlived its lock (%.0f s)", lock_seconds)
 
+    def _reserve_for(self, action: Action, victim: RuntimeRecord | None) -> None:
+        if action.evicted_for and victim is not None and victim.gpus:
+            self.registry.reserve(action.evicted_for, victim.gpu_host, victim.gpus,
+                                  RESERVATION_SECONDS)
+
     def _probe_starting(self) -> None:
         """Mark ready the starting instances nobody waits for (adopted, or their task died)."""
         for record in self.registry.all():
@@ -346,9 +357,12 @@ class ControlPlane:
         elif action.kind == "sleep":
             self.sleep(action.instance_id, action.reason)
         elif action.kind == "drain":
-            self.registry.transition(action.instance_id, (READY,), state=DRAINING,
-                                     reason=action.reason)
+            record = self.registry.transition(action.instance_id, (READY,), state=DRAINING,
+                                              reason=action.reason,
+                                              meta={"evicted_for": action.evicted_for})
+            self._reserve_for(action, record)
         elif action.kind == "stop":
+            self._reserve_for(action, self.registry.get(action.instance_id))
             self.stop_instance(action.instance_id, action.reason)
         elif action.kind == "mark_failed":
             record = self.registry.get(action.instance_id)

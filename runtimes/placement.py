@@ -26,6 +26,16 @@ def used_gpus(records: Iterable[RuntimeRecord]) -> dict[str, set[int]]:
     return used
 
 
+def with_reservations(used: dict[str, set[int]], reservations: dict[str, Placement],
+                      model: str) -> dict[str, set[int]]:
+    """`used`, plus the GPUs set aside for other models (freed by evictions made for them)."""
+    taken = {host: set(gpus) for host, gpus in used.items()}
+    for owner, (host, gpus) in reservations.items():
+        if owner != model:
+            taken.setdefault(host, set()).update(gpus)
+    return taken
+
+
 def free_gpus(inventory: Inventory, used: dict[str, set[int]]) -> dict[str, tuple[int, ...]]:
     return {
         host: tuple(g for g in gpus if g not in used.get(host, set()))

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from runtimes.backends.base import Observed
 from runtimes.catalog import ModelSpec
 from runtimes.engines import EngineLoad
-from runtimes.placement import Inventory, place, used_gpus
+from runtimes.placement import Inventory, place, used_gpus, with_reservations
 from runtimes.registry import DRAINING, FAILED, READY, SLEEPING, STARTING, RuntimeRecord
 
 # A model whose starts failed this many times in a row is left alone until an operator resets it.
 MAX_FAILED_STARTS = 3
-# Unmet demand older than this no longer asks for a start.
-DEMAND_WINDOW_SECONDS = 60.0
+# Unmet demand older than this no longer asks for a start. The control plane clears a model's
+# demand once it is ready, so this only ends the wish of callers who gave up; it must outlast
+# the longest Retry-After, or a caller told to come back in 3 minutes is forgotten meanwhile.
+DEMAND_WINDOW_SECONDS = 600.0
 # A starting record the backend does not show yet may be mid-launch; give it this long.
 LAUNCH_GRACE_SECONDS = 30.0
 
@@ -48,6 +50,7 @@ class Action:
     exit_code: int | None = None
     observed: Observed | None = None
     replicas: int = 1  # with start: how many live instances the model should then have
+    evicted_for: str = ""  # with drain/stop: the model whose start needs the GPUs
 
     def describe(self) -> dict:
         return {
@@ -83,6 +86,8 @@ class Snapshot:
     sleep_after_seconds: float | None = None
     scale_out_waiting: float = 8.0
     min_lifetime: float = 60.0
+    # GPUs set aside for a model by an eviction made for it: model -> (host, GPU ids).
+    reservations: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 def restart_backoff(failed_starts: int, base: float = 5.0) -> float:
@@ -163,7 +168,12 @@ def _idle_and_drain(snapshot: Snapshot, live: dict[str, list[RuntimeRecord]],
         spec = snapshot.catalog[model]
         idle_timeout = spec.idle_timeout_seconds or snapshot.default_idle_timeout
         serving = [r for r in records if r.state in (READY, SLEEPING)]
-        busy_with_batch = snapshot.batch_pending.get(model, 0) > 0
+        # Work waiting for the model (batch lines, or a realtime caller who will retry) means it
+        # is not idle, even if nothing has reached its engine lately (it may be asleep).
+        wanted_at = snapshot.demand.get(model)
+        busy_with_batch = snapshot.batch_pending.get(model, 0) > 0 or (
+            wanted_at is not None and now - wanted_at < DEMAND_WINDOW_SECONDS
+        )
         sleep_after = spec.sleep_after_seconds
         if sleep_after is None:
             sleep_after = snapshot.sleep_after_seconds
@@ -240,11 +250,19 @@ def _wanted(snapshot: Snapshot, live: dict[str, list[RuntimeRecord]],
 def _starts_and_evictions(snapshot: Snapshot, live: dict[str, list[RuntimeRecord]],
                           leaving: set[str]) -> list[Action]:
     wanted, actions = _wanted(snapshot, live, leaving)
-    alive = [r for records in live.values() for r in records if r.id not in leaving]
-    used = used_gpus(alive)
+    holding = [r for records in live.values() for r in records]
+    alive = [r for r in holding if r.id not in leaving]
+    # GPUs stay taken until their instance is gone: a draining engine still holds them.
+    used = used_gpus(holding)
+    # GPUs freed by an eviction go to the model they were freed for, not back to the model
+    # evicted (whose callers, refused meanwhile, want it back at once).
+    owed = {r.meta.get("evicted_for") for r in holding if r.id in leaving or r.state == DRAINING}
+    wanted.sort(key=lambda w: (_URGENCY[w[0]], w[1] not in owed,
+                               snapshot.demand.get(w[1], snapshot.now)))
     for kind, model, reason, replicas in wanted:
         needed = snapshot.catalog[model].gpus
-        spot = place(needed, snapshot.gpu_inventory, used) if snapshot.gpu_inventory else ("", ())
+        taken = with_reservations(used, snapshot.reservations, model)
+        spot = place(needed, snapshot.gpu_inventory, taken) if snapshot.gpu_inventory else ("", ())
         if spot is not None:
             host, gpus = spot
             if gpus:
@@ -257,7 +275,7 @@ def _starts_and_evictions(snapshot: Snapshot, live: dict[str, list[RuntimeRecord
             why = f"evicted for {model} ({reason})"
             actions.append(Action("drain" if inflight else "stop",
                                   why + (f"; draining {inflight} calls" if inflight else ""),
-                                  victim.model, victim.id))
+                                  victim.model, victim.id, evicted_for=model))
             # Its GPUs stay counted as used until it is gone; the start comes on a later pass.
             alive.remove(victim)
     return actions
@@ -286,13 +304,16 @@ def _choose_victims(snapshot: Snapshot, kind: str, model: str, alive: list[Runti
             return False
         if counts[record.model] <= snapshot.catalog[record.model].min_replicas:
             return False
+        if record.state == SLEEPING:
+            return True
+        # No flapping: an engine that has only just arrived stays a while, whoever asks.
+        if snapshot.now - (record.ready_at or record.state_since) < snapshot.min_lifetime:
+            return False
         if kind == REALTIME:
             return True
-        # Batch work, warm-keeping and scale-out never push out realtime traffic or a
-        # runtime that has only just arrived.
+        # Batch work, warm-keeping and scale-out never push out realtime traffic.
         return (snapshot.arrivals.get(record.model, 0) == 0
-                and snapshot.inflight.get(record.id, 0) == 0
-                and snapshot.now - (record.ready_at or record.state_since) >= snapshot.min_lifetime)
+                and snapshot.inflight.get(record.id, 0) == 0)
 
     best: list[RuntimeRecord] | None = None
     for host in snapshot.gpu_inventory:

@@ -218,6 +218,23 @@ class RuntimeRegistry:
     def release_start_request(self, model: str) -> None:
         self.redis.delete(self.key("ensure", model))
 
+    def reserve(self, model: str, gpu_host: str, gpus: tuple[int, ...], seconds: float) -> None:
+        """Set GPUs aside for `model` for a while: an eviction made room for it."""
+        self.redis.hset(self.key("reservations"), model, json.dumps(
+            {"host": gpu_host, "gpus": list(gpus), "until": time.time() + seconds}))
+
+    def reservations(self, now: float | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+        now = time.time() if now is None else now
+        held = {}
+        for model, raw in self.redis.hgetall(self.key("reservations")).items():
+            entry = json.loads(raw)
+            if entry["until"] > now:
+                held[model.decode()] = (entry["host"], tuple(entry["gpus"]))
+        return held
+
+    def release_reservation(self, model: str) -> None:
+        self.redis.hdel(self.key("reservations"), model)
+
     def batch_caps(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.redis.hgetall(self.key("batch_caps")).items()}
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway against the engines it fronts (`python -m bench.realtime`)."""
