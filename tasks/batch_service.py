@@ -96,8 +96,9 @@ class BatchService:
             "priority": priority, "total": 1, "chunks_total": 1,
         })
         self.jobs.add_pending(job_id, {body["model"]: 1})
+        job = self.jobs.get(job_id)  # as submitted: a worker may take it the moment it is sent
         self.enqueue_chunk(job_id, 0, 1, 0, priority)
-        return self.jobs.get(job_id)
+        return job
 
     # -- validating ------------------------------------------------------------------------
 

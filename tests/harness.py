@@ -8,6 +8,7 @@ own group and killed with its group at the end, engines included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -184,6 +185,10 @@ class Stack:
             kill_group(proc, sig)
 
     def stop(self) -> None:
+        # Signal every process first, then wait: their shutdowns overlap.
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         for name in list(self.procs):
             self.stop_process(name)
         kill_engines(self.state_dir)

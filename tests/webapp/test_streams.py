@@ -11,8 +11,15 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TOKENS, ready_records, warm
+from tests.conftest import TOKENS, raw_post, ready_records, warm
 from tests.harness import wait_for
+
+
+def start_and_wait(stack, registry, model: str) -> None:
+    """Start `model`'s engine with one cold call, then wait for it (without calling it)."""
+    if not ready_records(registry, model):
+        raw_post(stack, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 1})
+    wait_for(lambda: ready_records(registry, model), 30, what=f"{model} ready")
 
 
 def engine_metrics(registry, model: str) -> dict[str, float]:
@@ -43,7 +50,7 @@ def open_stream(stack, model: str, max_tokens: int) -> socket.socket:
 def test_client_hanging_up_closes_the_engine_request_within_a_second(stack, registry, model):
     # sim/stream sends a token every 150 ms; sim/silent says nothing for 20 s, so only the
     # gateway's hang-up watcher can notice the client is gone.
-    warm(stack, model)
+    start_and_wait(stack, registry, model)
     before = engine_metrics(registry, model).get("sim:client_disconnects_total", 0.0)
     sock = open_stream(stack, model, max_tokens=200)
     time.sleep(0.5)
