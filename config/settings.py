@@ -36,6 +36,11 @@ class Settings:
     keep_runtimes_on_exit: bool
     hf_home: Path
     hf_token: str | None = field(repr=False)
+    # Weights (runtimes.weights): the Hub to download from (None: huggingface_hub's default),
+    # room kept free on disk, and the page-cache budget (None: half the RAM; 0: never prime).
+    hf_endpoint: str | None
+    download_disk_margin_gb: float
+    prime_budget_gb: float | None
     idle_timeout_seconds: float
     cold_start_hold_seconds: float
     default_start_seconds: float
@@ -53,6 +58,7 @@ class Settings:
     registry_cache_seconds: float
     log_level: str
     log_json: bool
+    redis_max_connections: int
     files_dir: Path
     batch_max_lines: int
     batch_max_file_bytes: int
@@ -61,6 +67,7 @@ class Settings:
     batch_max_inflight_per_runtime: int
     batch_line_attempts: int
     batch_sweep_seconds: float
+    batch_stall_seconds: float
     celery_visibility_timeout: float
     # Where engines run (runtimes.inventory, runtimes.backends.docker).
     docker_host: str
@@ -70,6 +77,9 @@ class Settings:
     runtime_shm_size: str | None
     hf_home_host: Path | None  # None: hf_home
     orchestrator_id: str
+    # Flower, linked from the dashboard: its URL, or (None) this host at flower_port.
+    flower_url: str | None
+    flower_port: int
 
 
 def _read(env: Env) -> Settings:
@@ -99,6 +109,11 @@ def _read(env: Env) -> Settings:
         keep_runtimes_on_exit=env.bool("KEEP_RUNTIMES_ON_EXIT", False),
         hf_home=env.path("HF_HOME", Path.home() / ".cache" / "huggingface"),
         hf_token=env.str("HF_TOKEN", None) or None,
+        hf_endpoint=env.str(
+            "HF_ENDPOINT", "", validate=Regexp(r"^(https?://\S+)?$", error="an http(s) URL")
+        ) or None,
+        download_disk_margin_gb=env.float("DOWNLOAD_DISK_MARGIN_GB", 10.0, validate=Range(min=0)),
+        prime_budget_gb=env.float("PRIME_BUDGET_GB", None, validate=Range(min=0)),
         idle_timeout_seconds=env.float("IDLE_TIMEOUT_SECONDS", 600.0, validate=Range(min=1)),
         cold_start_hold_seconds=env.float(
             "COLD_START_HOLD_SECONDS", 0.0, validate=Range(min=0, max=600)
@@ -130,6 +145,7 @@ def _read(env: Env) -> Settings:
             "LOG_LEVEL", "INFO", validate=OneOf(("DEBUG", "INFO", "WARNING", "ERROR"))
         ),
         log_json=env.bool("LOG_JSON", False),
+        redis_max_connections=env.int("REDIS_MAX_CONNECTIONS", 128, validate=Range(min=4)),
         files_dir=env.path("FILES_DIR", REPO_ROOT / "var" / "files"),
         batch_max_lines=env.int("BATCH_MAX_LINES", 50_000, validate=Range(min=1)),
         batch_max_file_bytes=env.int(
@@ -142,6 +158,7 @@ def _read(env: Env) -> Settings:
         ),
         batch_line_attempts=env.int("BATCH_LINE_ATTEMPTS", 5, validate=Range(min=1, max=100)),
         batch_sweep_seconds=env.float("BATCH_SWEEP_SECONDS", 15.0, validate=Range(min=0.2)),
+        batch_stall_seconds=env.float("BATCH_STALL_SECONDS", 600.0, validate=Range(min=1)),
         celery_visibility_timeout=env.float(
             "CELERY_VISIBILITY_TIMEOUT", 900.0, validate=Range(min=5)
         ),
@@ -156,6 +173,10 @@ def _read(env: Env) -> Settings:
         orchestrator_id=env.str(
             "ORCHESTRATOR_ID", "default", validate=Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
         ),
+        flower_url=env.str(
+            "FLOWER_URL", "", validate=Regexp(r"^(https?://\S+)?$", error="an http(s) URL")
+        ) or None,
+        flower_port=env.int("FLOWER_PORT", 5555, validate=Range(min=1, max=65535)),
     )
 
 

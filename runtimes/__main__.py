@@ -1,4 +1,5 @@
-"""Command line of the control plane: `python -m runtimes status|stop-all|reset MODEL|tick`.
+"""Command line of the control plane: `python -m runtimes status|stop-all|reset MODEL|tick`, and
+`prime MODEL` (read a cached model's weights into the page cache, e.g. before the morning rush).
 
 `make run` calls `stop-all` when the stack stops (unless KEEP_RUNTIMES_ON_EXIT is true), so no
 engine outlives the orchestrator that started it by accident.
@@ -14,6 +15,7 @@ import time
 from config.settings import SettingsError, load_settings
 from runtimes.catalog import CatalogError
 from runtimes.factory import build_control_plane
+from runtimes.weights import prime_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     reset = commands.add_parser("reset", help="clear a model's failed-start count")
     reset.add_argument("model")
     commands.add_parser("tick", help="run one autoscaling pass now")
+    prime = commands.add_parser("prime", help="read a cached model's weights into the page cache")
+    prime.add_argument("model")
     args = parser.parse_args(argv)
 
     try:
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reset {args.model}")
     elif args.command == "tick":
         print(json.dumps(control.tick(), indent=2))
+    elif args.command == "prime":
+        return prime_command(control.weights, args.model)
     return 0
 
 

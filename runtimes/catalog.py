@@ -40,6 +40,10 @@ class ModelSpec:
     min_replicas: int = 0
     max_replicas: int = 1
     max_concurrency: int = 256
+    # Fetch the weights into the shared HF cache before the engine starts (runtimes.weights).
+    download_weights: bool = False
+    hf_allow_patterns: tuple[str, ...] | None = None
+    hf_ignore_patterns: tuple[str, ...] | None = None
     fingerprint: str = field(default="", compare=False)
 
     @property
@@ -55,6 +59,10 @@ def _check_seconds_by_engine(value) -> None:
     ):
         return
     raise ValidationError(f"a number of seconds, or an object of seconds by engine {ENGINES}")
+
+
+def _patterns(value: list[str] | None) -> tuple[str, ...] | None:
+    return tuple(value) if value is not None else None
 
 
 class _EntrySchema(Schema):
@@ -85,6 +93,10 @@ class _EntrySchema(Schema):
     min_replicas = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
     max_replicas = fields.Integer(load_default=1, validate=validate.Range(min=1, max=64))
     max_concurrency = fields.Integer(load_default=256, validate=validate.Range(min=1))
+    # Default: true for engines that load from the Hub (vllm, sglang), false for sim.
+    download_weights = fields.Boolean(load_default=None, allow_none=True)
+    hf_allow_patterns = fields.List(fields.String(), load_default=None, allow_none=True)
+    hf_ignore_patterns = fields.List(fields.String(), load_default=None, allow_none=True)
 
 
 class ModelCatalog:
@@ -159,6 +171,10 @@ class ModelCatalog:
                     min_replicas=entry["min_replicas"],
                     max_replicas=entry["max_replicas"],
                     max_concurrency=entry["max_concurrency"],
+                    download_weights=(engine != "sim" if entry["download_weights"] is None
+                                      else entry["download_weights"]),
+                    hf_allow_patterns=_patterns(entry["hf_allow_patterns"]),
+                    hf_ignore_patterns=_patterns(entry["hf_ignore_patterns"]),
                     fingerprint=fingerprint,
                 )
             )

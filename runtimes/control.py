@@ -79,6 +79,11 @@ class ControlPlane:
         self.batch_per_runtime = batch_per_runtime
         # How the tick asks for a start without waiting for it (a Celery task in production).
         self.request_start = request_start or self.ensure_running
+        # Told (model, "cold" | "wake", seconds) when an instance became ready: metrics, charts.
+        self.on_started: Callable[[str, str, float], None] | None = None
+        # Keeper of model weights (runtimes.weights.ModelWeights): asked before a start claims
+        # GPUs, it answers False while the weights are still being downloaded.
+        self.weights = None
 
     # -- starting ------------------------------------------------------------------------
 
@@ -95,6 +100,8 @@ class ControlPlane:
         asleep = [r for r in self.registry.for_model(model) if r.state == SLEEPING]
         if asleep and not any(r.state in (READY, STARTING) for r in self.registry.for_model(model)):
             return self.wake(asleep[0].id)
+        if self.weights is not None and not self.weights.prepare_for_start(spec):
+            return None  # asked again by the download's end or the next tick
         record = self._claim_start(spec, min(max(replicas, 1), spec.max_replicas))
         if record is None:
             return None
@@ -181,6 +188,8 @@ class ControlPlane:
         if ready is not None:
             if record.reason != "adopted":  # an adopted instance's load time is unknown
                 self.registry.record_start_duration(spec.id, now - record.created_at)
+                if self.on_started is not None:
+                    self.on_started(spec.id, "cold", now - record.created_at)
             self.registry.note_good_start(spec.id)
             self.registry.clear_demand(spec.id)
             log.info("%s ready for %s after %.1f s", record.id, spec.id, now - record.created_at)
@@ -194,8 +203,11 @@ class ControlPlane:
 
     def _fail(self, record: RuntimeRecord, exit_code: int | None, reason: str):
         logs = self.backend.logs(record.handle or record.id, tail=40) if record.handle else ""
-        self.registry.transition(record.id, None, state=FAILED, exit_code=exit_code,
-                                 last_logs=logs, reason=reason)
+        # The start task and the tick may both see the same engine die: only the one that moves
+        # the record to `failed` counts the failure.
+        if self.registry.transition(record.id, LIVE_STATES, state=FAILED, exit_code=exit_code,
+                                    last_logs=logs, reason=reason) is None:
+            return None
         count = self.registry.note_failed_start(record.model, {
             "instance": record.id, "exit_code": exit_code, "reason": reason,
             "last_logs": logs, "at": time.time(),
@@ -234,6 +246,8 @@ class ControlPlane:
                                          reason="woken up")
         if woken is not None:
             self.registry.record_start_duration(spec.id, now - started, kind="wake")
+            if self.on_started is not None:
+                self.on_started(spec.id, "wake", now - started)
             self.registry.clear_demand(spec.id)
         return woken
 

@@ -180,6 +180,9 @@ class SimEngine(Engine):
             "--model", spec.id,
             "--host", host,
             "--port", str(port),
+            # Like vLLM's --model: the snapshot is looked up in the HF cache ($HF_HOME).
+            *(["--hf-repo", spec.repo_id] if spec.download_weights else []),
+            *(["--revision", spec.revision] if spec.download_weights and spec.revision else []),
             *spec.args,
         ]  # fmt: skip
 

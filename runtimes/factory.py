@@ -15,12 +15,21 @@ from runtimes.backends.base import Backend
 from runtimes.backends.process import ProcessBackend
 from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
+from runtimes.downloads import DownloadConfig
 from runtimes.inventory import gpus_by_host, load_inventory
 from runtimes.registry import RuntimeRegistry
+from runtimes.storage import GB, default_prime_budget
+from runtimes.weights import ModelWeights, WeightsConfig
 
 
 def make_redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    # A blocking pool: when every connection is busy (hundreds of batch lines or streams in one
+    # gevent worker), a caller waits its turn instead of failing with "Too many connections".
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=30,
+        health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -46,7 +55,7 @@ def build_control_plane(
     request_start: Callable[[str], None] | None = None,
 ) -> ControlPlane:
     client = client or make_redis(settings)
-    return ControlPlane(
+    control = ControlPlane(
         ModelCatalog.from_file(settings.model_catalog_file, settings.runtime_type),
         RuntimeRegistry(client),
         make_backend(settings),
@@ -62,3 +71,14 @@ def build_control_plane(
         batch_per_runtime=settings.batch_max_inflight_per_runtime,
         gpu_inventory=gpu_inventory(settings),
     )
+    control.weights = build_model_weights(settings, client, control.catalog, control.registry)
+    return control
+
+
+def build_model_weights(settings: Settings, client: redis.Redis, catalog: ModelCatalog,
+                        registry: RuntimeRegistry) -> ModelWeights:
+    budget = settings.prime_budget_gb
+    download = DownloadConfig(settings.hf_home, settings.hf_endpoint, settings.hf_token,
+                              int(settings.download_disk_margin_gb * GB))
+    prime_budget = default_prime_budget() if budget is None else int(budget * GB)
+    return ModelWeights(WeightsConfig(download, prime_budget), client, catalog, registry)

@@ -156,6 +156,12 @@ def _reconcile(snapshot: Snapshot) -> tuple[list[Action], dict[str, list[Runtime
     return actions, live
 
 
+def _wanted_since(snapshot: Snapshot, wanted_at: float | None, since: float) -> bool:
+    """Whether a realtime call asked for the model after `since` (and not too long ago)."""
+    return (wanted_at is not None and wanted_at >= since
+            and snapshot.now - wanted_at < DEMAND_WINDOW_SECONDS)
+
+
 def _last_active(snapshot: Snapshot, record: RuntimeRecord) -> float:
     return max(snapshot.last_used.get(record.id, 0.0), record.ready_at or record.state_since)
 
@@ -168,18 +174,17 @@ def _idle_and_drain(snapshot: Snapshot, live: dict[str, list[RuntimeRecord]],
         spec = snapshot.catalog[model]
         idle_timeout = spec.idle_timeout_seconds or snapshot.default_idle_timeout
         serving = [r for r in records if r.state in (READY, SLEEPING)]
-        # Work waiting for the model (batch lines, or a realtime caller who will retry) means it
-        # is not idle, even if nothing has reached its engine lately (it may be asleep).
+        # Batch lines waiting for the model mean it is not idle, even if none reached it lately.
+        busy_with_batch = snapshot.batch_pending.get(model, 0) > 0
         wanted_at = snapshot.demand.get(model)
-        busy_with_batch = snapshot.batch_pending.get(model, 0) > 0 or (
-            wanted_at is not None and now - wanted_at < DEMAND_WINDOW_SECONDS
-        )
         sleep_after = spec.sleep_after_seconds
         if sleep_after is None:
             sleep_after = snapshot.sleep_after_seconds
         for record in sorted(serving, key=lambda r: _last_active(snapshot, r)):
             if busy_with_batch or snapshot.inflight.get(record.id, 0):
                 continue
+            if record.state == SLEEPING and _wanted_since(snapshot, wanted_at, record.state_since):
+                continue  # a caller waits for it: it is woken, not stopped
             idle = now - _last_active(snapshot, record)
             if idle >= idle_timeout and len(serving) > spec.min_replicas:
                 reason = f"idle for {idle:.0f} s (timeout {idle_timeout:.0f} s)"
@@ -226,8 +231,11 @@ def _wanted(snapshot: Snapshot, live: dict[str, list[RuntimeRecord]],
         wanted_at = snapshot.demand.get(model)
         realtime_waiting = wanted_at is not None and now - wanted_at < DEMAND_WINDOW_SECONDS
         batch_waiting = snapshot.batch_pending.get(model, 0)
-        if (realtime_waiting or batch_waiting) and not ready and not starting and asleep:
-            why = "realtime call waiting" if realtime_waiting else f"{batch_waiting} batch lines"
+        # A call noted before the engine went to sleep was served before it did: not a reason
+        # to wake it (that would flap between sleep and wake).
+        woken_by_call = asleep and _wanted_since(snapshot, wanted_at, asleep[0].state_since)
+        if (woken_by_call or batch_waiting) and not ready and not starting and asleep:
+            why = "realtime call waiting" if woken_by_call else f"{batch_waiting} batch lines"
             wakes.append(Action("wake", f"{why}: wake the sleeping engine", model, asleep[0].id))
             continue
         more = len(records) + 1

@@ -30,6 +30,16 @@ STATES = (STARTING, READY, SLEEPING, DRAINING, STOPPING, FAILED)
 LIVE_STATES = (STARTING, READY, SLEEPING, DRAINING, STOPPING)
 
 ARRIVAL_BUCKET_SECONDS = 10
+
+# KEYS[1] = demand hash; ARGV = model, time it was served, ... Drops demand no newer than that.
+_CLEAR_SERVED_DEMAND = """
+for i = 1, #ARGV, 2 do
+  local wanted = redis.call('HGET', KEYS[1], ARGV[i])
+  if wanted and tonumber(wanted) <= tonumber(ARGV[i + 1]) then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+"""
 WORKER_STALE_SECONDS = 10.0
 
 
@@ -73,6 +83,7 @@ class RuntimeRegistry:
         self.redis = client
         self.prefix = prefix
         self._records_key = f"{prefix}:runtimes"
+        self._clear_served_demand = client.register_script(_CLEAR_SERVED_DEMAND)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -160,8 +171,14 @@ class RuntimeRegistry:
         inflight: dict[str, int],
         arrivals: dict[str, int],
         now: float | None = None,
+        served: dict[str, float] | None = None,
     ) -> None:
-        """One web worker's use since its last report, written in one round trip."""
+        """One web worker's use since its last report, written in one round trip.
+
+        `served` (model -> when it last answered a call) ends the demand noted before then: a
+        cold call answered 503 from a route cache a moment stale must not keep the model
+        "wanted" after its engine is serving.
+        """
         now = time.time() if now is None else now
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.key("workers"), worker, f"{now:.3f}")
@@ -175,6 +192,9 @@ class RuntimeRegistry:
             for model, count in arrivals.items():
                 pipe.hincrby(bucket, model, count)
             pipe.expire(bucket, 7200)
+        if served:
+            args = [v for model, at in served.items() for v in (model, f"{at:.3f}")]
+            self._clear_served_demand(keys=[self.key("demand")], args=args, client=pipe)
         pipe.execute()
 
     def last_used(self) -> dict[str, float]:

@@ -26,6 +26,10 @@ else
   done < "$ENV_FILE"
 fi
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+# Prometheus values of every process (web workers, Celery workers), summed by /metrics. Set
+# before any process starts; emptied so counts of an earlier run are not added again.
+export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$VAR_DIR/prometheus}"
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR" && rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
 
 # Check the settings once, up front: a missing or bad value stops here with its name.
 $BIN/python -c "from config.settings import load_settings; from webapp.keystore import read_keys_file; \
@@ -65,7 +69,8 @@ start control $BIN/celery -A tasks.worker worker -Q control,downloads -P threads
 start batch $BIN/celery -A tasks.worker worker -Q batch -P gevent -c "${BATCH_WORKER_CONCURRENCY:-64}" -n batch@%h -l INFO
 start beat $BIN/celery -A tasks.worker beat --schedule "$VAR_DIR/celerybeat-schedule" -l INFO
 flower_auth=(); [ -n "${FLOWER_BASIC_AUTH:-}" ] && flower_auth=(--basic-auth="$FLOWER_BASIC_AUTH")
-start flower $BIN/celery -A tasks.worker flower --port="${FLOWER_PORT:-5555}" "${flower_auth[@]}"
+# Flower keeps its own metrics (on its /metrics): out of the gateway's directory.
+start flower env -u PROMETHEUS_MULTIPROC_DIR $BIN/celery -A tasks.worker flower --port="${FLOWER_PORT:-5555}" "${flower_auth[@]}"
 
 echo "orchestrator: http://localhost:${WEB_PORT:-8000}  flower: http://localhost:${FLOWER_PORT:-5555}"
 # If any child dies, stop the rest: a half-running stack is worse than a stopped one.

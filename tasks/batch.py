@@ -7,6 +7,7 @@ Priorities: the API's 0-9, larger sooner, become the Redis transport's 9-0 (smal
 
 from __future__ import annotations
 
+import redis
 from celery import shared_task
 from flask import current_app
 
@@ -26,7 +27,12 @@ def validate(batch_id: str) -> None:
     current_app.extensions["batches"].validate(batch_id)
 
 
-@shared_task(name="batch.run_chunk", ignore_result=True)
+# Redis gone for a moment (a restart, a failover): try the chunk again rather than fail it, which
+# would acknowledge and drop its message. If even the retry cannot be sent, the sweep sends the
+# chunk again once the job is seen stalled.
+@shared_task(name="batch.run_chunk", ignore_result=True,
+             autoretry_for=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+             retry_backoff=True, retry_backoff_max=30, max_retries=20)
 def run_chunk(job_id: str, first: int, end: int, offset: int, priority: int) -> None:
     countdown = current_app.extensions["batches"].run_chunk(job_id, first, end, offset)
     if countdown is not None:

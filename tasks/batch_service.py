@@ -10,6 +10,10 @@ failures (refused, reset, 5xx) leave a line to be retried, not failed.
 
 When every chunk is closed (or the batch is cancelled or expires) the results are written to
 the output and error files, streamed from Redis, and the batch reaches its final state.
+
+Other kinds of job (eval runs) ride the same chunks, priorities, leases, retries and sweep
+through a `JobKind` registered in `kinds`: it supplies the lines and post-processes each
+line's answer (more engine calls included) before the result is stored, and ends the job.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import urllib3
 
@@ -51,10 +56,54 @@ class BatchLimits:
     line_attempts: int = 5
     per_runtime_cap: int = 64
     cancel_grace_seconds: float = 60.0
+    # A running job with no line done for this long has lost chunk messages (a Redis restart,
+    # a worker gone while its broker connection was down): its open chunks are sent again.
+    stall_seconds: float = 600.0
 
 
 class Transient(Exception):
     """The engine could not answer now; try the line again later."""
+
+
+class JobStopped(Exception):
+    """The job left its running states while a line waited for an admission lease."""
+
+
+class EngineAnswer(NamedTuple):
+    status: int
+    request_id: str
+    body: dict
+
+
+class JobKind(Protocol):
+    """A kind of job whose lines are not a batch file's requests (eval runs): it supplies its
+    lines and turns each line's engine answer into the result that is stored.
+
+    A line is a dict with `custom_id`, `url` and `body` (the engine request; None for a line
+    that needs no engine call of its own) and optionally `models`: every model whose engine the
+    line needs (default: the body's model). The line waits until all of them are ready, and
+    counts in each one's queue depth until it is recorded.
+    """
+
+    def lines(self, job: dict, first: int, end: int,
+              offset: int) -> list[tuple[int, dict]]: ...
+
+    def finish_line(self, job: dict, number: int, line: dict, ok: bool,
+                    payload: dict | None) -> tuple[bool, dict, dict[str, int] | None]:
+        """(ok, result to store, tally) from the engine's answer (`payload` as a batch line's
+        result; None when the line had no body). May call engines through
+        `BatchService.request` (raising Transient to have the line retried), except when `ok`
+        is False: a failed line is only written up."""
+        ...
+
+    def finalize(self, job: dict) -> None:
+        """Every chunk of the job is closed: reach the final state, exactly once."""
+        ...
+
+
+def line_models(line: dict) -> list[str]:
+    """The models a line needs; the first is the one `record_line` counts it against."""
+    return line["models"] if "models" in line else [line["body"]["model"]]
 
 
 class BatchService:
@@ -76,7 +125,11 @@ class BatchService:
                                         retries=False)
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._status: dict[str, tuple[float, str | None]] = {}
+        # Told (model, ok) once per line stored, in the worker that ran it: metrics.
+        self.on_line: Callable[[str, bool], None] | None = None
         self._caps: tuple[float, dict[str, int]] = (0.0, {})
+        # Job kinds other than batches and single completions, by the job's `kind`.
+        self.kinds: dict[str, JobKind] = {}
 
     # -- creating --------------------------------------------------------------------------
 
@@ -93,7 +146,7 @@ class BatchService:
     def create_completion(self, owner: str, endpoint: str, body: dict, priority: int) -> dict:
         job_id = self.jobs.create("completion", owner, {
             "status": "queued", "endpoint": endpoint, "body": body, "model": body["model"],
-            "priority": priority, "total": 1, "chunks_total": 1,
+            "priority": priority, "total": 1, "chunks_total": 1, "chunks": [[0, 1, 0]],
         })
         self.jobs.add_pending(job_id, {body["model"]: 1})
         job = self.jobs.get(job_id)  # as submitted: a worker may take it the moment it is sent
@@ -145,7 +198,8 @@ class BatchService:
             self.jobs.transition(batch_id, ("validating",), "failed", "failed_at")
             self.jobs.close(batch_id)
             return
-        self.jobs.update(batch_id, total=count, chunks_total=len(chunks))
+        self.jobs.update(batch_id, total=count, chunks_total=len(chunks),
+                         chunks=[list(c) for c in chunks], progress_at=int(time.time()))
         self.jobs.add_pending(batch_id, per_model)
         if not self.jobs.transition(batch_id, ("validating",), "in_progress", "in_progress_at"):
             self.jobs.close(batch_id)  # cancelled while validating
@@ -196,6 +250,8 @@ class BatchService:
 
     def _lines(self, job: dict, first: int, end: int, offset: int) -> list[tuple[int, dict]]:
         """(line number, request) of the chunk's lines: line numbers count from 1."""
+        if job["kind"] in self.kinds:
+            return self.kinds[job["kind"]].lines(job, first, end, offset)
         if job["kind"] == "completion":
             return [(1, {"custom_id": job["id"], "url": job["endpoint"], "body": job["body"]})]
         lines = []
@@ -218,7 +274,8 @@ class BatchService:
         lines = self._lines(job, first, end, offset)
         done = self.jobs.done_lines(job_id, [n for n, _ in lines])
         todo = [(n, line) for n, line in lines if n not in done]
-        waiting = [(n, line) for n, line in todo if not self.router.ready(line["body"]["model"])]
+        waiting = [(n, line) for n, line in todo
+                   if not all(self.router.ready(model) for model in line_models(line))]
         runnable = [item for item in todo if item not in waiting]
         left = list(waiting)
         if runnable and job["kind"] == "completion":
@@ -244,27 +301,39 @@ class BatchService:
 
     def _run_line(self, job: dict, number: int, line: dict) -> bool:
         """Run one line; True when its result is stored (or it was already)."""
-        model = line["body"]["model"]
-        lease = None
-        while lease is None:
-            if not self._still_running(job["id"]):
-                return False
-            cap = self._cap(model)
-            lease = self.admission.acquire(model, cap)
-            if lease is None:
-                time.sleep(0.05)
+        kind = self.kinds.get(job["kind"])
+        tally = None
         try:
-            ok, payload = self._call(job, line)
+            ok, payload = self._call(job, line) if line.get("body") is not None else (True, None)
+            if kind is not None:
+                ok, payload, tally = kind.finish_line(job, number, line, ok, payload)
+        except JobStopped:
+            return False
         except Transient as exc:
             attempts = self.jobs.note_attempt(job["id"], number)
             if attempts < self.limits.line_attempts:
                 log.info("line %d of %s will be retried (%s)", number, job["id"], exc)
                 return False
             ok, payload = False, self._error_line(line, "engine_error", str(exc))
-        finally:
-            self.admission.release(model, lease)
-        self.jobs.record_line(job["id"], number, model, ok, payload)
+            if kind is not None:
+                ok, payload, tally = kind.finish_line(job, number, line, ok, payload)
+        models = line_models(line)
+        if self.jobs.record_line(job["id"], number, models[0] if models else "", ok, payload,
+                                 tally):
+            self.jobs.release_pending(job["id"], models[1:])
+            if self.on_line and models:
+                self.on_line(models[0], ok)
         return True
+
+    def _lease(self, job: dict, model: str) -> str:
+        """An admission lease for one call to `model`; JobStopped if the job stops meanwhile."""
+        while True:
+            if not self._still_running(job["id"]):
+                raise JobStopped(job["id"])
+            lease = self.admission.acquire(model, self._cap(model))
+            if lease is not None:
+                return lease
+            time.sleep(0.05)
 
     def _cap(self, model: str) -> int:
         """Lines of `model` allowed in flight: set by the autoscaler; else a default per engine."""
@@ -279,13 +348,30 @@ class BatchService:
         return self.limits.per_runtime_cap * max(1, len(self.router.ready(model)))
 
     def _call(self, job: dict, line: dict) -> tuple[bool, dict]:
-        record = self.router.pick(line["body"]["model"], {})
+        answer = self.request(job, line["body"]["model"], line["url"], line["body"])
+        result = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
+                  "response": {"status_code": answer.status, "request_id": answer.request_id,
+                               "body": answer.body},
+                  "error": None}
+        return answer.status < 400, result
+
+    def request(self, job: dict, model: str, url: str, body: dict) -> EngineAnswer:
+        """POST `body` to a ready engine of `model`, under that model's admission lease.
+        Raises Transient when the engine cannot answer now, JobStopped when the job stops."""
+        lease = self._lease(job, model)
+        try:
+            return self._post(model, url, body)
+        finally:
+            self.admission.release(model, lease)
+
+    def _post(self, model: str, url: str, body: dict) -> EngineAnswer:
+        record = self.router.pick(model, {})
         if record is None:
             raise Transient("no ready engine")
         request_id = f"req_{uuid.uuid4().hex[:24]}"
         try:
             response = self.http.request(
-                "POST", f"{record.endpoint}{line['url']}", body=json.dumps(line["body"]).encode(),
+                "POST", f"{record.endpoint}{url}", body=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json", "X-Request-Id": request_id},
                 timeout=self.timeout,
             )
@@ -295,14 +381,10 @@ class BatchService:
         if response.status >= 500:
             raise Transient(f"engine answered {response.status}")
         try:
-            body = json.loads(response.data)
+            answer = json.loads(response.data)
         except ValueError:
-            body = {"error": {"message": response.data.decode(errors="replace")[:500]}}
-        result = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
-                  "response": {"status_code": response.status, "request_id": request_id,
-                               "body": body},
-                  "error": None}
-        return response.status < 400, result
+            answer = {"error": {"message": response.data.decode(errors="replace")[:500]}}
+        return EngineAnswer(response.status, request_id, answer)
 
     @staticmethod
     def _error_line(line: dict, code: str, message: str) -> dict:
@@ -340,6 +422,9 @@ class BatchService:
         if job["kind"] == "completion":
             self._finish_completion(job)
             return
+        if job["kind"] in self.kinds:
+            self.kinds[job["kind"]].finalize(job)
+            return
         final = {"in_progress": ("completed", "completed_at"),
                  "cancelling": ("cancelled", "cancelled_at"),
                  "expiring": ("expired", "expired_at")}.get(job["status"])
@@ -372,9 +457,11 @@ class BatchService:
             self.jobs.close(job["id"])
 
     def sweep(self, now: float | None = None) -> None:
-        """Expire batches past their window; finish cancellations whose chunks never came back."""
+        """Expire batches past their window; finish cancellations whose chunks never came back;
+        send again the chunks of a job that has stalled."""
         now = time.time() if now is None else now
         for job in self.jobs.open_jobs():
+            self._redispatch_if_stalled(job, now)
             if job["kind"] != "batch":
                 continue
             if job["status"] == "in_progress" and (job.get("expires_at") or now) <= now:
@@ -384,6 +471,20 @@ class BatchService:
             elif (job["status"] == "cancelling"
                   and now - (job.get("cancelling_at") or now) > self.limits.cancel_grace_seconds):
                 self.finalize(job["id"])
+
+    def _redispatch_if_stalled(self, job: dict, now: float) -> None:
+        if job["status"] not in ("in_progress", "queued", "running"):
+            return
+        last = job.get("progress_at") or job.get("in_progress_at") or job["created_at"]
+        if now - last < self.limits.stall_seconds:
+            return
+        closed = self.jobs.closed_chunks(job["id"])
+        open_chunks = [c for c in job.get("chunks") or [] if c[0] not in closed]
+        log.warning("%s made no progress for %.0f s: sending %d chunks again", job["id"],
+                    now - last, len(open_chunks))
+        self.jobs.update(job["id"], progress_at=int(now))
+        for first, end, offset in open_chunks:
+            self.enqueue_chunk(job["id"], first, end, offset, job.get("priority") or 0)
 
     def _expire_open_lines(self, job: dict) -> None:
         with open(self.files.path(job["input_file_id"]), "rb") as fh:

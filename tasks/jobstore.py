@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import redis
 
-# KEYS: out, err, job, pending, job's remaining. ARGV: line, payload, ok ("1"/"0"), model.
+# KEYS: out, err, job, pending, job's remaining, job's tally. ARGV: line, payload, ok ("1"/"0"),
+# model, now, tally (a JSON object of counts to add, or '').
 _RECORD_LINE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return 0
@@ -31,6 +32,12 @@ else
 end
 if redis.call('HINCRBY', KEYS[4], ARGV[4], -1) <= 0 then redis.call('HDEL', KEYS[4], ARGV[4]) end
 redis.call('HINCRBY', KEYS[5], ARGV[4], -1)
+redis.call('HSET', KEYS[3], 'progress_at', ARGV[5])
+if ARGV[6] ~= '' then
+  for field, amount in pairs(cjson.decode(ARGV[6])) do
+    redis.call('HINCRBY', KEYS[6], field, amount)
+  end
+end
 return 1
 """
 
@@ -47,10 +54,12 @@ end
 return 0
 """
 
-JSON_FIELDS = ("metadata", "errors", "body", "response", "error", "allowed_models")
+JSON_FIELDS = ("metadata", "errors", "body", "response", "error", "allowed_models", "chunks",
+               "data_source", "testing_criteria", "item_schema")
 INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
               "expired_at", "cancelling_at", "cancelled_at", "expires_at", "started_at",
-              "finished_at", "total", "completed", "failed", "priority", "chunks_total")
+              "finished_at", "total", "completed", "failed", "priority", "chunks_total",
+              "progress_at")
 
 
 class JobStore:
@@ -66,7 +75,7 @@ class JobStore:
     # -- jobs ----------------------------------------------------------------------------
 
     def create(self, kind: str, owner: str, fields: dict) -> str:
-        prefix = "batch" if kind == "batch" else "bcmpl"
+        prefix = {"batch": "batch", "eval_run": "evalrun"}.get(kind, "bcmpl")
         job_id = f"{prefix}_{uuid.uuid4().hex[:24]}"
         now = time.time()
         record = {"id": job_id, "kind": kind, "owner": owner, "created_at": int(now),
@@ -130,13 +139,35 @@ class JobStore:
 
     # -- lines ---------------------------------------------------------------------------
 
-    def record_line(self, job_id: str, line: int, model: str, ok: bool, payload: dict) -> bool:
-        """Store a line's result once; False if the line was already recorded."""
+    def record_line(self, job_id: str, line: int, model: str, ok: bool, payload: dict,
+                    tally: dict[str, int] | None = None) -> bool:
+        """Store a line's result once; False if the line was already recorded. `tally` (counts
+        a job kind keeps per job, e.g. an eval's passes) is added in the same atomic step."""
         return bool(self._record_line(
             keys=[self.key(job_id, "out"), self.key(job_id, "err"), self.key(job_id),
-                  f"{self.prefix}:batch_pending", self.key(job_id, "remaining")],
-            args=[line, json.dumps(payload), "1" if ok else "0", model],
+                  f"{self.prefix}:batch_pending", self.key(job_id, "remaining"),
+                  self.key(job_id, "tally")],
+            args=[line, json.dumps(payload), "1" if ok else "0", model, int(time.time()),
+                  json.dumps(tally) if tally else ""],
         ))
+
+    def tally(self, job_id: str) -> dict[str, int]:
+        raw = self.redis.hgetall(self.key(job_id, "tally"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def release_pending(self, job_id: str, models: list[str]) -> None:
+        """A recorded line no longer waits for these models either (a line that needs several
+        engines counts in each one's queue depth; `record_line` releases the first)."""
+        if not models:
+            return
+        pipe = self.redis.pipeline()
+        for model in models:
+            pipe.hincrby(f"{self.prefix}:batch_pending", model, -1)
+            pipe.hincrby(self.key(job_id, "remaining"), model, -1)
+        pipe.execute()
+        for model in models:
+            if int(self.redis.hget(f"{self.prefix}:batch_pending", model) or 0) <= 0:
+                self.redis.hdel(f"{self.prefix}:batch_pending", model)
 
     def done_lines(self, job_id: str, lines: list[int]) -> set[int]:
         pipe = self.redis.pipeline(transaction=False)
@@ -166,6 +197,22 @@ class JobStore:
     def drop_results(self, job_id: str) -> None:
         self.redis.delete(self.key(job_id, "out"), self.key(job_id, "err"),
                           self.key(job_id, "attempts"), self.key(job_id, "chunks"))
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job in a final state and all it stored (its indexes too)."""
+        job = self.get(job_id)
+        if job is None:
+            return
+        self.close(job_id)
+        pipe = self.redis.pipeline()
+        pipe.zrem(f"{self.prefix}:jobs:{job['kind']}", job_id)
+        pipe.zrem(f"{self.prefix}:jobs:{job['kind']}:owner:{job['owner']}", job_id)
+        pipe.delete(*(self.key(job_id, part) for part in
+                      ("", "out", "err", "attempts", "chunks", "tally", "remaining")))
+        pipe.execute()
+
+    def closed_chunks(self, job_id: str) -> set[int]:
+        return {int(v) for v in self.redis.smembers(self.key(job_id, "chunks"))}
 
     def close_chunk(self, job_id: str, start: int) -> bool:
         """Count a chunk as finished, once however often its message is delivered."""

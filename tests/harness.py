@@ -127,6 +127,8 @@ class Stack:
             "WEB_CONCURRENCY": "2",
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
+            # One fresh directory for the Prometheus values of all processes of this stack.
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
             **{k: str(v) for k, v in env.items()},
         }
         self.procs: dict[str, subprocess.Popen] = {}
@@ -167,6 +169,9 @@ class Stack:
 
     def start(self) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        metrics_dir = Path(self.env["PROMETHEUS_MULTIPROC_DIR"])
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
         self.start_web()
         self.start_worker()
         self.start_batch_worker()

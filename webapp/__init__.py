@@ -20,14 +20,21 @@ from tasks.batch import enqueue_chunk
 from tasks.batch_service import BatchLimits, BatchService
 from tasks.celery_app import celery_init_app
 from tasks.control import start_requester
+from tasks.downloads import download_requester
+from tasks.eval_runner import EvalRunner
+from tasks.eval_service import EvalService
+from tasks.eval_store import EvalStore
+from tasks.evals import enqueue_prepare
 from tasks.filestore import FileStore
 from tasks.jobstore import JobStore
 from webapp.errors import register_error_handlers
 from webapp.keystore import KeyStore
 from webapp.limits import KeyLimiter
 from webapp.logs import configure_logging
-from webapp.relay import EngineClient
+from webapp.metrics import register_metrics
+from webapp.request_id import register_request_id
 from webapp.schemas import check_engine_body
+from webapp.upstream import EngineClient
 from webapp.usage import UsageTracker
 
 
@@ -40,6 +47,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_services(app, settings)
     celery_init_app(app)
     register_error_handlers(app)
+    register_request_id(app)
+    register_metrics(app)
     register_blueprints(app)
     register_reload_signal(app)
     return app
@@ -51,6 +60,7 @@ def register_services(app: Flask, settings: Settings) -> None:
     registry = control.registry
     # The tick asks for starts the same deduplicated way a cold call does.
     control.request_start = request_start = start_requester(registry)
+    control.weights.request_download = download_requester()
     files = FileStore(client, settings.files_dir)
     jobs = JobStore(client)
     control.batch_pending = jobs.pending
@@ -64,17 +74,24 @@ def register_services(app: Flask, settings: Settings) -> None:
             chunk_parallel=settings.batch_chunk_parallel,
             line_attempts=settings.batch_line_attempts,
             per_runtime_cap=settings.batch_max_inflight_per_runtime,
+            stall_seconds=settings.batch_stall_seconds,
         ),
         enqueue_chunk=enqueue_chunk,
         validate_line=check_engine_body,
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
     )
+    # Eval runs are batch work of their own kind: the same chunks, leases, retries and sweep.
+    items_dir = settings.files_dir / "evals"
+    batches.kinds["eval_run"] = EvalRunner(jobs, items_dir, batches.request)
+    evals = EvalService(EvalStore(client), jobs, files, items_dir, batches.limits,
+                        enqueue_prepare, enqueue_chunk)
     app.extensions.update(
         redis=client,
         files=files,
         jobs=jobs,
         batches=batches,
+        evals=evals,
         keystore=KeyStore(settings.auth_keys_file, settings.keys_reload_interval_seconds),
         limiter=KeyLimiter(client),
         catalog=control.catalog,
@@ -88,14 +105,15 @@ def register_services(app: Flask, settings: Settings) -> None:
         ),
         request_start=request_start,
         control=control,
+        weights=control.weights,
     )
 
 
 def register_blueprints(app: Flask) -> None:
     # Imported here, not at the top: the views import this package's extensions at call time.
-    from webapp import batch, batches, files, health, realtime
+    from webapp import batch, batches, dashboard, evals, files, health, models, realtime
 
-    for module in (health, realtime, batch, files, batches):
+    for module in (health, realtime, batch, files, batches, evals, dashboard, models):
         app.register_blueprint(module.bp)
 
 

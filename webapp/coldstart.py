@@ -26,15 +26,16 @@ DEFAULT_WAKE_SECONDS = 2.0
 
 
 def estimate_start_seconds(registry: RuntimeRegistry, spec: ModelSpec, default: float,
-                           records: list[RuntimeRecord]) -> float:
+                           records: list[RuntimeRecord], scale=None) -> float:
     """Median of this model's recent starts (or wake-ups, when one of its engines sleeps);
-    else the catalog's figure; else the default."""
+    else the catalog's figure (else the default), through `scale(spec, seconds)` if given."""
     if any(r.state == SLEEPING for r in records):
         return registry.median_start_seconds(spec.id, kind="wake") or DEFAULT_WAKE_SECONDS
     observed = registry.median_start_seconds(spec.id)
     if observed is not None:
         return observed
-    return spec.expected_start_seconds or default
+    base = spec.expected_start_seconds or default
+    return scale(spec, base) if scale is not None else base
 
 
 def retry_after_seconds(records: list[RuntimeRecord], estimate: float, now: float) -> int:
@@ -83,11 +84,16 @@ def await_runtime(spec: ModelSpec) -> RuntimeRecord:
             return record
 
     records = registry.for_model(spec.id)
-    estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds, records)
-    seconds = retry_after_seconds(records, estimate, time.time())
+    # Weights in RAM shorten a first start; a download under way comes before the start.
+    weights = ext["weights"]
+    estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds, records,
+                                      weights.scale_cold_estimate)
+    download = math.ceil(weights.download_wait_seconds(spec))
+    seconds = retry_after_seconds(records, estimate, time.time()) + download
     raise APIError(
         503,
-        f"The model '{spec.id}' is starting; retry in about {seconds} s.",
+        f"The model '{spec.id}' is starting{' (downloading its weights)' if download else ''}; "
+        f"retry in about {seconds} s.",
         type="server_error",
         code="model_starting",
         headers={"Retry-After": str(seconds)},

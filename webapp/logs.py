@@ -10,6 +10,16 @@ import logging
 import sys
 import time
 
+from flask import g, has_request_context
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record: the id of the request being handled, else "-"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -20,6 +30,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if getattr(record, "request_id", "-") != "-":
+            entry["request_id"] = record.request_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -34,8 +46,11 @@ def configure_logging(level: str, as_json: bool) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s[%(process)d] rid=%(request_id)s: %(message)s"
+            )
         )
+    handler.addFilter(RequestIdFilter())
     root.handlers[:] = [handler]
     root.setLevel(level)
     # urllib3 logs full URLs at debug level; keep it quiet whatever LOG_LEVEL says.

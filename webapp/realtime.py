@@ -7,8 +7,6 @@ no Redis round trip unless the key has limits or the model is cold.
 
 from __future__ import annotations
 
-import uuid
-
 from flask import Blueprint, Response, current_app, g, request
 
 from runtimes.catalog import ModelSpec
@@ -16,18 +14,12 @@ from runtimes.registry import READY
 from webapp import coldstart
 from webapp.auth import admit, check_model_allowed, require_scope
 from webapp.errors import APIError
-from webapp.relay import EngineUnreachable, normalise_engine_error, read_body, relay_stream
+from webapp.metrics import StreamTimer
+from webapp.relay import normalise_engine_error, read_body, relay_stream
 from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
+from webapp.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 
 bp = Blueprint("realtime", __name__)
-
-
-def _request_id() -> str:
-    rid = request.headers.get("X-Request-Id", "")
-    if not rid or len(rid) > 128 or not rid.isprintable():
-        rid = uuid.uuid4().hex
-    g.request_id = rid
-    return rid
 
 
 def _model_spec(model: str) -> ModelSpec:
@@ -45,10 +37,11 @@ def _forward(schema, path: str):
     body = parse_json_object(raw)
     validate_body(schema, body)
     spec = _model_spec(body["model"])
+    g.model = spec.id  # the model label of this call's metrics (webapp.metrics)
     key = g.api_key
     check_model_allowed(key, spec.id)
     release_lease = admit(key)
-    request_id = _request_id()
+    request_id = g.request_id  # webapp.request_id: the caller's or a new one
     usage = ext["usage"]
     usage.arrived(spec.id)
     try:
@@ -67,9 +60,17 @@ def _open_upstream(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str)
     router, usage, client = ext["router"], ext["usage"], ext["engine_client"]
     for attempt in (1, 2):
         record = router.pick(spec.id, usage.inflight) or coldstart.await_runtime(spec)
-        usage.begin(record.id)
+        usage.begin(record.id, spec.id)
         try:
             return record, client.send(record.host, record.port, path, raw, request_id)
+        except EngineTimeout:
+            usage.end(record.id)
+            raise APIError(504, "The model's engine did not answer in time.",
+                           type="server_error", code="engine_timeout") from None
+        except EngineBrokeOff:
+            usage.end(record.id)
+            raise APIError(502, "The model's engine closed the connection without an answer.",
+                           type="server_error", code="engine_error") from None
         except EngineUnreachable:
             usage.end(record.id)
             # The cached route may be stale (the engine was stopped a moment ago): look again,
@@ -104,15 +105,17 @@ def _send(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: 
         return Response(data, status=upstream.status, content_type=content_type, headers=headers)
 
     instance_id = record.id
+    timer = StreamTimer(spec.id)
 
     def on_end(outcome: str) -> None:
         usage.end(instance_id)
         if release_lease is not None:
             release_lease()
+        timer.end(outcome)
 
     headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return Response(
-        relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end),
+        relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end, timer.first),
         status=200,
         content_type=upstream.headers.get("Content-Type", "text/event-stream"),
         headers=headers,

@@ -8,21 +8,14 @@ frees the slot; if the engine dies mid-stream, the client gets an error event, n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 from collections.abc import Callable, Iterator
 
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
-
 from webapp.errors import APIError
+from webapp.upstream import EngineBrokeOff, EngineTimeout, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -32,74 +25,15 @@ except ImportError:  # pragma: no cover - gevent is a runtime dependency
     gevent = None
 
 
-class EngineUnreachable(Exception):
-    """The engine refused the connection: it is gone or not listening."""
-
-
-class EngineClient:
-    def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float):
-        self.pool_size = pool_size
-        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        self._pools: dict[tuple[str, int], urllib3.HTTPConnectionPool] = {}
-
-    def _pool(self, host: str, port: int) -> urllib3.HTTPConnectionPool:
-        pool = self._pools.get((host, port))
-        if pool is None:
-            pool = urllib3.HTTPConnectionPool(
-                host, port, maxsize=self.pool_size, block=False, retries=False
-            )
-            self._pools[(host, port)] = pool
-        return pool
-
-    def send(
-        self, host: str, port: int, path: str, body: bytes, request_id: str
-    ) -> urllib3.BaseHTTPResponse:
-        """POST `body` to the engine; the answer's body is left unread for the caller."""
-        try:
-            return self._pool(host, port).urlopen(
-                "POST",
-                path,
-                body=body,
-                headers={"Content-Type": "application/json", "X-Request-Id": request_id},
-                preload_content=False,
-                decode_content=False,
-                retries=False,
-                redirect=False,
-                timeout=self.timeout,
-            )
-        except (NewConnectionError, ConnectionRefusedError) as exc:
-            raise EngineUnreachable(str(exc)) from None
-        except (ConnectTimeoutError, ReadTimeoutError):
-            raise APIError(
-                504, "The model's engine did not answer in time.", type="server_error",
-                code="engine_timeout",
-            ) from None
-        except (ProtocolError, HTTPError, OSError) as exc:
-            log.warning("engine %s:%d failed: %s", host, port, exc)
-            raise APIError(
-                502, "The model's engine closed the connection without an answer.",
-                type="server_error", code="engine_error",
-            ) from None
-
-    def drop(self, host: str, port: int) -> None:
-        pool = self._pools.pop((host, port), None)
-        if pool is not None:
-            pool.close()
-
-
-def read_body(upstream: urllib3.BaseHTTPResponse) -> bytes:
+def read_body(upstream: UpstreamResponse) -> bytes:
     try:
-        data = upstream.read()
-    except ReadTimeoutError:
-        upstream.close()
+        return upstream.read()
+    except EngineTimeout:
         raise APIError(504, "The model's engine did not answer in time.", type="server_error",
                        code="engine_timeout") from None
-    except (ProtocolError, HTTPError, OSError):
-        upstream.close()
+    except EngineBrokeOff:
         raise APIError(502, "The model's engine broke off its answer.", type="server_error",
                        code="engine_error") from None
-    upstream.release_conn()
-    return data
 
 
 def normalise_engine_error(status: int, body: bytes) -> bytes:
@@ -123,7 +57,7 @@ def _sse_error(message: str, code: str) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-def _watch_client(client_sock: socket.socket, upstream: urllib3.BaseHTTPResponse, state: dict):
+def _watch_client(client_sock: socket.socket, upstream: UpstreamResponse, state: dict):
     """Wait for the client to hang up; then cut the engine request short."""
     try:
         data = client_sock.recv(1, socket.MSG_PEEK)
@@ -132,22 +66,22 @@ def _watch_client(client_sock: socket.socket, upstream: urllib3.BaseHTTPResponse
     if data:
         return  # the client sent more (a pipelined request): it is still there
     state["client_gone"] = True
-    conn = getattr(upstream, "connection", None)
-    sock = getattr(conn, "sock", None)
-    try:
-        if sock is not None:
+    # Shut the engine socket down (the reading side then sees the end at once); closing it
+    # here is left to the reader, which owns it.
+    sock = upstream.socket
+    if sock is not None:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        upstream.close()
-    except OSError:
-        pass
 
 
 def relay_stream(
-    upstream: urllib3.BaseHTTPResponse,
+    upstream: UpstreamResponse,
     client_sock: socket.socket | None,
     on_end: Callable[[str], None],
+    on_first: Callable[[], None] | None = None,
 ) -> Iterator[bytes]:
-    """Yield the engine's bytes as they arrive; `on_end(outcome)` runs exactly once at the end."""
+    """Yield the engine's bytes as they arrive; `on_end(outcome)` runs exactly once at the end,
+    `on_first()` when the engine's first bytes came (time to first token)."""
     state = {"client_gone": False}
     watcher = None
     if client_sock is not None and gevent is not None:
@@ -157,13 +91,15 @@ def relay_stream(
         # An empty first item makes the server send the headers now, not with the first token:
         # the client knows at once that its call was accepted.
         yield b""
-        if upstream.chunked:
-            chunks = upstream.read_chunked(decode_content=False)
-        else:
-            chunks = iter(lambda: upstream.read1(65536), b"")
+        chunks = upstream.iter_body()
+        if on_first is not None:
+            for chunk in chunks:  # the first chunk only: the rest goes through untouched
+                on_first()
+                yield chunk
+                break
         yield from chunks
         outcome = "complete"
-    except (ProtocolError, HTTPError, OSError) as exc:
+    except (EngineBrokeOff, EngineTimeout) as exc:
         if state["client_gone"]:
             outcome = "client_gone"
         else:
@@ -176,7 +112,7 @@ def relay_stream(
             # Blocking: the watcher must be gone before the server reads the client socket again.
             watcher.kill(block=True)
         if outcome == "complete":
-            upstream.release_conn()
+            upstream.release()
         else:
             upstream.close()
         on_end(outcome)

@@ -28,8 +28,11 @@ class UsageTracker:
         self._last_used: dict[str, float] = {}
         self._arrivals: dict[str, int] = {}
         self._changed: set[str] = set()
+        self._served: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
+        # The dashboard's chart series (webapp.timeseries), written with each report.
+        self.series = None
 
     @property
     def worker_id(self) -> str:
@@ -39,15 +42,22 @@ class UsageTracker:
         self._arrivals[model] = self._arrivals.get(model, 0) + 1
         self._ensure_reporter()
 
-    def begin(self, instance_id: str) -> None:
+    def begin(self, instance_id: str, model: str | None = None) -> None:
+        now = time.time()
         self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
-        self._last_used[instance_id] = time.time()
+        self._last_used[instance_id] = now
         self._changed.add(instance_id)
+        if model is not None:
+            self._served[model] = now
 
     def end(self, instance_id: str) -> None:
         self.inflight[instance_id] = max(0, self.inflight.get(instance_id, 0) - 1)
         self._last_used[instance_id] = time.time()
         self._changed.add(instance_id)
+
+    def start(self) -> None:
+        """Start reporting now (gunicorn's post_worker_init), not with the first call."""
+        self._ensure_reporter()
 
     def _ensure_reporter(self) -> None:
         # Started on first use, in the process that serves: never before a fork.
@@ -60,12 +70,14 @@ class UsageTracker:
     def flush(self) -> None:
         last_used, self._last_used = self._last_used, {}
         arrivals, self._arrivals = self._arrivals, {}
+        served, self._served = self._served, {}
         changed, self._changed = self._changed, set()
         inflight = {i: self.inflight.get(i, 0) for i in changed | {
             i for i, n in self.inflight.items() if n > 0
         }}
         try:
-            self.registry.report_usage(self.worker_id, last_used, inflight, arrivals)
+            self.registry.report_usage(self.worker_id, last_used, inflight, arrivals,
+                                       served=served)
         except redis.RedisError as exc:
             log.warning("usage report failed, will retry: %s", exc)
             for model, count in arrivals.items():
@@ -76,6 +88,8 @@ class UsageTracker:
         for instance_id in changed:
             if self.inflight.get(instance_id) == 0:
                 del self.inflight[instance_id]
+        if self.series is not None:
+            self.series.flush()
 
     def _run(self) -> None:
         while True:

@@ -266,6 +266,10 @@ class DockerBackend(Backend):
             kwargs["device_requests"] = [
                 DeviceRequest(device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])
             ]
+        elif engine.name != "sim" and spec.gpus > 0:
+            # GPUs unmanaged (GPUS unset and no nvidia-smi here, as in a compose container):
+            # the engine gets every GPU of the host, as an engine process would see them.
+            kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
         if self.network:
             kwargs["network"] = self.network
         else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from runtimes.backends.base import Backend, BackendError, Observed, Started
 from runtimes.catalog import ModelSpec
 from runtimes.engines import Engine
+from runtimes.storage import snapshot_complete
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class ProcessBackend(Backend):
         port = free_port(self.host)
         launch = engine.launch(spec, self.host, port, in_container=False)
         env = {**os.environ, **self.base_env, **launch.env, "GW_EXIT_FILE": str(exit_path)}
+        hf_home = self.base_env.get("HF_HOME")
+        if hf_home and "HF_HUB_OFFLINE" not in launch.env and snapshot_complete(
+                Path(hf_home), spec.repo_id, spec.revision):
+            # As the docker backend does: the engine loads from the cache, asking the Hub nothing.
+            env["HF_HUB_OFFLINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

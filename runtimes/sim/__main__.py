@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from runtimes.sim.server import SimConfig, build_app
+from runtimes.storage import RepoCache
 
 START_FAILURE_EXIT_CODE = 2
 # aiohttp waits this long for in-flight requests on shutdown; SIGTERM must end the process in 1 s.
@@ -107,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         default=None,
         help="model snapshot that must hold config.json and *.safetensors",
     )
+    parser.add_argument(
+        "--hf-repo",
+        default=None,
+        help="load the snapshot of this repo from the HF cache at $HF_HOME, as vLLM does offline",
+    )
+    parser.add_argument("--revision", default=None, help="with --hf-repo: branch, tag or commit")
     args = parser.parse_args(argv)
     return SimConfig(
         model=args.model,
@@ -121,8 +129,15 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         fail_start=args.fail_start,
         sleep_seconds=args.sleep_seconds,
         wake_seconds=args.wake_seconds,
-        snapshot_dir=args.snapshot_dir,
+        snapshot_dir=args.snapshot_dir or _cached_snapshot(args.hf_repo, args.revision),
     )
+
+
+def _cached_snapshot(repo_id: str | None, revision: str | None) -> str | None:
+    if repo_id is None:
+        return None
+    hf_home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return str(RepoCache(Path(hf_home), repo_id).snapshot_dir(revision))
 
 
 def snapshot_problem(snapshot_dir: str) -> str | None:

@@ -1,0 +1,283 @@
+"""What the dashboard shows, read from Redis: runtimes and GPUs, failures, queues, jobs, downloads.
+
+`overview(ext)` builds one JSON-ready snapshot from the app's services (`app.extensions`); the
+dashboard polls it every few seconds. `queue_sample(ext)` is the part the chart series samples.
+Everything is read, nothing changed; no Flask request is needed, so the usage reporter can call it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client.core import GaugeMetricFamily
+
+from runtimes.policy import MAX_FAILED_STARTS
+from runtimes.registry import READY, SLEEPING, STARTING, RuntimeRecord
+from webapp.coldstart import estimate_start_seconds
+
+BATCH_QUEUE = "batch"
+QUEUES = ("batch", "control", "downloads")
+# Keep the page light: the newest jobs of each kind, the newest decisions.
+JOBS_SHOWN = 15
+DECISIONS_SHOWN = 40
+LOG_LINES_SHOWN = 20
+# Finished downloads and primings stay on the page this long.
+RECENT_DOWNLOAD_SECONDS = 3600
+
+
+# -- Celery queues in Redis ------------------------------------------------------------------
+
+def queue_keys(options: dict, queue: str) -> list[tuple[int, str]]:
+    """(Celery priority, Redis list) of each priority step of `queue`.
+
+    kombu's Redis transport keeps one list per step: the queue's name for step 0, else
+    `<queue><sep><step>` (kombu.transport.redis.Channel._q_for_pri), under `global_keyprefix`.
+    """
+    steps = options.get("priority_steps") or [0, 3, 6, 9]
+    sep = options.get("sep", "\x06\x16")
+    prefix = options.get("global_keyprefix", "")
+    return [(step, f"{prefix}{queue}{sep}{step}" if step else f"{prefix}{queue}")
+            for step in steps]
+
+
+def queue_lengths(client, options: dict) -> dict[str, dict[int, int]]:
+    """Messages waiting per queue and per Celery priority step."""
+    plan = [(queue, step, key) for queue in QUEUES for step, key in queue_keys(options, queue)]
+    pipe = client.pipeline(transaction=False)
+    for _, _, key in plan:
+        pipe.llen(key)
+    lengths: dict[str, dict[int, int]] = {queue: {} for queue in QUEUES}
+    for (queue, step, _), length in zip(plan, pipe.execute(), strict=True):
+        lengths[queue][step] = int(length)
+    return lengths
+
+
+def api_priority(celery_priority: int) -> int:
+    """The API's 0-9 (larger sooner) of a Celery priority (smaller sooner): tasks.batch."""
+    return 9 - celery_priority
+
+
+def _broker_options(ext) -> dict:
+    return dict(ext["celery"].conf.broker_transport_options or {})
+
+
+def queue_sample(ext) -> dict[str, int]:
+    """Queue depths for the chart series: batch lines per model, `batch` messages per priority."""
+    sample = {f"pending|{model}": count for model, count in ext["jobs"].pending().items()}
+    by_step = queue_lengths(ext["redis"], _broker_options(ext))[BATCH_QUEUE]
+    for step, length in by_step.items():
+        sample[f"celery|{api_priority(step)}"] = length
+    return sample
+
+
+# -- the snapshot ------------------------------------------------------------------------------
+
+def overview(ext, now: float | None = None) -> dict:
+    now = time.time() if now is None else now
+    registry = ext["registry"]
+    records = registry.all()
+    inflight = registry.inflight([r.id for r in records], now)
+    last_used = registry.last_used()
+    failed = registry.failed_starts()
+    pending = ext["jobs"].pending()
+    runtimes = [_runtime(ext, r, records, inflight, last_used, now) for r in records]
+    runtimes.sort(key=lambda r: (r["model"], r["created_at"]))
+    settings = ext["settings"]
+    return {
+        "now": now,
+        "gpus": _gpus(ext["control"].gpu_inventory, runtimes),
+        "runtimes": runtimes,
+        "models": _models(ext, records, failed, pending, registry.demand(), now),
+        "queues": _queues(ext, pending),
+        "jobs": _jobs(ext["jobs"]),
+        "downloads": _downloads(ext),
+        "decisions": registry.recent_decisions(DECISIONS_SHOWN),
+        "web_workers": _live_web_workers(registry, now),
+        "flower": {"url": settings.flower_url, "port": settings.flower_port},
+    }
+
+
+def _runtime(ext, record: RuntimeRecord, records: list[RuntimeRecord], inflight: dict[str, int],
+             last_used: dict[str, float], now: float) -> dict:
+    view = {
+        "id": record.id, "model": record.model, "engine": record.engine,
+        "backend": record.backend, "state": record.state, "reason": record.reason,
+        "endpoint": record.endpoint if record.port else None,
+        "gpu_host": record.gpu_host, "gpus": list(record.gpus),
+        "created_at": record.created_at, "state_since": record.state_since,
+        "ready_at": record.ready_at, "inflight": inflight.get(record.id, 0),
+        "sleeping": record.state == SLEEPING,
+        "uptime_seconds": None, "idle_seconds": None,
+        "eta_seconds": None, "estimate_seconds": None, "elapsed_seconds": None,
+        "exit_code": record.exit_code, "last_logs": _tail(record.last_logs),
+    }
+    if record.ready_at is not None and record.state not in (STARTING,):
+        view["uptime_seconds"] = round(now - record.ready_at, 1)
+        active = max(last_used.get(record.id, 0.0), record.ready_at)
+        view["idle_seconds"] = round(max(0.0, now - active), 1)
+    if record.state == STARTING:
+        spec = ext["catalog"].get(record.model)
+        elapsed = now - record.created_at
+        view["elapsed_seconds"] = round(elapsed, 1)
+        if spec is not None:
+            same_model = [r for r in records if r.model == record.model]
+            estimate = estimate_start_seconds(ext["registry"], spec,
+                                              ext["settings"].default_start_seconds, same_model)
+            view["estimate_seconds"] = round(estimate, 1)
+            view["eta_seconds"] = round(estimate - elapsed, 1)
+    return view
+
+
+def _tail(text: str | None, lines: int = LOG_LINES_SHOWN) -> str:
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def _gpus(inventory: dict[str, tuple[int, ...]], runtimes: list[dict]) -> list[dict]:
+    """Each GPU of the inventory with the runtime that holds it (None: free)."""
+    holders = {}
+    for runtime in runtimes:
+        for gpu in runtime["gpus"]:
+            holders[(runtime["gpu_host"], gpu)] = runtime
+    gpus = []
+    for host, ids in sorted(inventory.items()):
+        for gpu in ids:
+            holder = holders.get((host, gpu))
+            gpus.append({"host": host, "gpu": gpu,
+                         "holder": None if holder is None else {
+                             k: holder[k] for k in ("id", "model", "engine", "state",
+                                                    "uptime_seconds", "idle_seconds",
+                                                    "inflight", "sleeping")}})
+    return gpus
+
+
+def _models(ext, records: list[RuntimeRecord], failed: dict[str, int], pending: dict[str, int],
+            demand: dict[str, float], now: float) -> list[dict]:
+    registry = ext["registry"]
+    models = []
+    for spec in ext["catalog"]:
+        own = [r for r in records if r.model == spec.id]
+        failures = failed.get(spec.id, 0)
+        last_failure = registry.last_failure(spec.id) if failures else None
+        if last_failure is not None:
+            last_failure = {**last_failure, "last_logs": _tail(last_failure.get("last_logs"))}
+        wanted_at = demand.get(spec.id)
+        models.append({
+            "id": spec.id, "engine": spec.engine, "gpus": spec.gpus,
+            "instances": {state: sum(1 for r in own if r.state == state)
+                          for state in sorted({r.state for r in own})},
+            "ready": sum(1 for r in own if r.state == READY),
+            "failed_starts": failures,
+            "failed": failures >= MAX_FAILED_STARTS,
+            "last_failure": last_failure,
+            "waiting_since": None if wanted_at is None else round(now - wanted_at, 1),
+            "batch_pending": pending.get(spec.id, 0),
+        })
+    return models
+
+
+def _queues(ext, pending: dict[str, int]) -> dict:
+    lengths = queue_lengths(ext["redis"], _broker_options(ext))
+    return {
+        "batch_pending": pending,
+        "batch_by_priority": {str(api_priority(step)): n
+                              for step, n in sorted(lengths[BATCH_QUEUE].items(), reverse=True)},
+        "messages": {queue: sum(by_step.values()) for queue, by_step in lengths.items()},
+        # Delivered to a worker but not acknowledged: running, or held back with a countdown.
+        "unacked": int(ext["redis"].hlen("unacked")),
+    }
+
+
+def _job(job: dict) -> dict:
+    total = job.get("total") or 0
+    done = (job.get("completed") or 0) + (job.get("failed") or 0)
+    return {
+        "id": job["id"], "kind": job["kind"], "status": job.get("status"),
+        "owner": job.get("owner"), "priority": job.get("priority") or 0,
+        "model": job.get("model"), "endpoint": job.get("endpoint"),
+        "created_at": job.get("created_at"),
+        "total": total, "completed": job.get("completed") or 0, "failed": job.get("failed") or 0,
+        "progress": round(done / total, 4) if total else 0.0,
+    }
+
+
+def _jobs(jobs) -> dict:
+    batches, _ = jobs.list("batch", None, None, JOBS_SHOWN)
+    completions, _ = jobs.list("completion", None, None, JOBS_SHOWN)
+    return {
+        "open": int(jobs.redis.zcard(f"{jobs.prefix}:jobs:open")),
+        "batches": [_job(j) for j in batches],
+        "completions": [_job(j) for j in completions],
+    }
+
+
+def _downloads(ext, now: float | None = None) -> list[dict]:
+    """Downloads and page-cache primings under way, or finished within the last hour.
+
+    Read through runtimes.weights.ModelWeights (their state is in Redis, one entry per repo and
+    revision); an app without it shows none.
+    """
+    weights = ext.get("weights")
+    if weights is None:
+        return []
+    now = time.time() if now is None else now
+    items: list[dict] = []
+    seen: set[tuple[str, str | None]] = set()
+    for spec in ext["catalog"]:
+        if (spec.repo_id, spec.revision) in seen:  # models sharing weights share their state
+            continue
+        seen.add((spec.repo_id, spec.revision))
+        download = weights.download_state(spec)
+        if download and _recent(download, now):
+            items.append({
+                "kind": "download", "model": download.get("model") or spec.id,
+                "repo_id": spec.repo_id, "state": download.get("status"),
+                "done_bytes": download.get("bytes_done"),
+                "total_bytes": download.get("bytes_total"),
+                "eta_seconds": download.get("eta_seconds"),
+                "rate_bytes_per_second": download.get("rate_bytes_per_second"),
+                "error": download.get("error"), "finished_at": download.get("finished_at"),
+            })
+        primed = weights.prime_state(spec)
+        if primed and _recent(primed, now):
+            after = primed.get("after") or {}
+            items.append({
+                "kind": "prime", "model": primed.get("model") or spec.id,
+                "repo_id": spec.repo_id, "state": primed.get("status"),
+                # Priming reports its figures when it ends: until then its bar has no value.
+                "done_bytes": after.get("resident_bytes"),
+                "total_bytes": after.get("weight_bytes"),
+                "eta_seconds": None, "rate_bytes_per_second": None,
+                "error": primed.get("error"), "finished_at": primed.get("finished_at"),
+            })
+    return items
+
+
+def _recent(state: dict, now: float) -> bool:
+    finished = state.get("finished_at")
+    return finished is None or now - float(finished) < RECENT_DOWNLOAD_SECONDS
+
+
+def download_metrics(ext):
+    """Prometheus families of the downloads (for webapp.metrics' collector)."""
+    states = GaugeMetricFamily("gateway_downloads", "Downloads and primings by kind and state.",
+                               labels=["kind", "state"])
+    done = GaugeMetricFamily("gateway_download_bytes_done",
+                             "Bytes downloaded or primed so far, per model.",
+                             labels=["model", "kind"])
+    total = GaugeMetricFamily("gateway_download_bytes_total_expected",
+                              "Bytes a download or priming will have, per model.",
+                              labels=["model", "kind"])
+    counts: dict[tuple[str, str], int] = {}
+    for item in _downloads(ext):
+        kind, state = item["kind"], item["state"] or ""
+        counts[(kind, state)] = counts.get((kind, state), 0) + 1
+        done.add_metric([item["model"], kind], item["done_bytes"] or 0)
+        total.add_metric([item["model"], kind], item["total_bytes"] or 0)
+    for labels, count in sorted(counts.items()):
+        states.add_metric(list(labels), count)
+    return [states, done, total]
+
+
+def _live_web_workers(registry, now: float) -> int:
+    seen = registry.redis.hgetall(registry.key("workers"))
+    return sum(1 for at in seen.values() if now - float(at) < 10.0)
