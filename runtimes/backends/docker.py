@@ -33,6 +33,7 @@ from runtimes.backends.base import Backend, BackendError, Observed, Started
 from runtimes.catalog import ModelSpec
 from runtimes.engines import Engine
 from runtimes.inventory import GpuHost, load_inventory
+from runtimes.storage import snapshot_complete
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -64,23 +65,10 @@ CONTAINER_PREFIX = "llm-gw-"
 
 
 def hf_snapshot_cached(hf_home: Path, repo_id: str, revision: str | None = None) -> bool:
-    """True when the cache at `hf_home` already holds a snapshot of `repo_id`.
-
-    The layout is huggingface_hub's: `hub/models--<org>--<name>/snapshots/<commit>/`, with
-    `refs/<branch or tag>` naming a commit. An engine started with HF_HUB_OFFLINE=1 then loads
-    from the cache without asking the Hub anything (faster, and works with the Hub unreachable).
-    """
-    repo_dir = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshots = repo_dir / "snapshots"
-    try:
-        if revision:
-            if (snapshots / revision).is_dir():
-                return True
-            commit = (repo_dir / "refs" / revision).read_text().strip()
-            return bool(commit) and any((snapshots / commit).iterdir())
-        return any(snapshots.iterdir())
-    except OSError:
-        return False
+    """True when the cache at `hf_home` holds a complete snapshot of `repo_id` (the same test
+    the downloader uses), so the engine can start with HF_HUB_OFFLINE=1 and ask the Hub
+    nothing: faster, and it works with the Hub unreachable."""
+    return snapshot_complete(hf_home, repo_id, revision)
 
 
 class DockerBackend(Backend):

@@ -311,9 +311,13 @@ def test_containers_of_another_orchestrator_are_neither_listed_nor_touched(
 def test_create_requests_gpus_mounts_the_cache_and_labels_the_container(
     docker_engine, hf_home, catalog
 ):
-    snapshot = hf_home / "hub" / "models--org--name" / "snapshots" / "abc"
+    commit = "ab" * 20
+    snapshot = hf_home / "hub" / "models--org--name" / "snapshots" / commit
     snapshot.mkdir(parents=True)
+    (hf_home / "hub" / "models--org--name" / "refs").mkdir()
+    (hf_home / "hub" / "models--org--name" / "refs" / "main").write_text(commit)
     (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"weights")
     assert hf_snapshot_cached(hf_home, "org/name")
     backend = local_backend(hf_home, hf_token="hf_example_token")
     # A vLLM entry (with the local sim image standing in for vLLM's: only created, never run),

@@ -120,18 +120,23 @@ def test_backend_from_settings(tmp_path):
     assert plain.hf_home_host == tmp_path / "cache"
 
 
+COMMIT = "c0ffee" * 6 + "c0ff"  # a commit id: 40 hex digits
+
+
 def test_snapshot_in_cache(tmp_path):
     repo = tmp_path / "hub" / "models--org--name"
     assert not hf_snapshot_cached(tmp_path, "org/name")
     (repo / "snapshots").mkdir(parents=True)
     assert not hf_snapshot_cached(tmp_path, "org/name")  # the download never got a file in
-    (repo / "snapshots" / "c0ffee").mkdir()
-    (repo / "snapshots" / "c0ffee" / "config.json").write_text("{}")
+    (repo / "snapshots" / COMMIT).mkdir()
+    (repo / "snapshots" / COMMIT / "config.json").write_text("{}")
+    assert not hf_snapshot_cached(tmp_path, "org/name")  # a config but no weights yet
+    (repo / "snapshots" / COMMIT / "model.safetensors").write_bytes(b"weights")
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("c0ffee\n")
+    (repo / "refs" / "main").write_text(f"{COMMIT}\n")
     assert hf_snapshot_cached(tmp_path, "org/name")
     assert hf_snapshot_cached(tmp_path, "org/name", "main")
-    assert hf_snapshot_cached(tmp_path, "org/name", "c0ffee")
+    assert hf_snapshot_cached(tmp_path, "org/name", COMMIT)
     assert not hf_snapshot_cached(tmp_path, "org/name", "v2")
 
 
