@@ -28,7 +28,6 @@ from tasks.graders import GraderResult, grade_label, grade_text, judge_request
 from tasks.jobstore import JobStore
 
 CHAT_URL = "/v1/chat/completions"
-USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
 
 
 def run_models(job: dict) -> list[str]:

@@ -245,3 +245,36 @@ def test_decisions_newest_first_and_trimmed(registry: RuntimeRegistry):
     assert kept[0] == {"n": 509}
     assert kept[-1] == {"n": 10}
     assert [d["n"] for d in kept] == list(range(509, 9, -1))
+
+
+def test_leases_of_a_killed_holder_are_given_back_within_seconds(redis_server, redis_db):
+    """A process holding leases dies with SIGKILL: its heartbeat lapses, and its slots free up."""
+    import subprocess
+    import sys
+    import time
+
+    from runtimes.leases import HEARTBEAT_SECONDS, LeaseSet
+
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time, redis
+from runtimes.leases import LeaseSet
+leases = LeaseSet(redis.Redis.from_url("{redis_server.url}/1"), "test:leases")
+assert all(leases.acquire("model", 3) for _ in range(3))
+print("held", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        leases = LeaseSet(redis_db, "test:leases")
+        assert leases.acquire("model", 3) is None  # all three slots are taken by a live holder
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + HEARTBEAT_SECONDS * 3 + 5
+        lease = None
+        while lease is None and time.monotonic() < deadline:
+            lease = leases.acquire("model", 3)
+            time.sleep(0.2)
+        assert lease is not None
+        assert leases.held("model") == 1
+    finally:
+        holder.kill()
