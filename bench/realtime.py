@@ -239,12 +239,18 @@ def machine() -> str:
 
 
 def git_revision() -> str:
+    """HEAD, and the files outside bench/ that differ from it: what the gateway really ran."""
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                           capture_output=True, text=True, check=False)  # fmt: skip
     rev = proc.stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=REPO_ROOT, capture_output=True, text=True, check=False)  # fmt: skip
-    return rev + ("+uncommitted changes" if dirty.stdout.strip() else "")
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    changed = sorted(
+        line[3:] for line in status.stdout.splitlines() if not line[3:].startswith("bench/")
+    )
+    if changed:
+        rev += " with uncommitted changes to " + ", ".join(changed)
+    return rev
 
 
 def run(args: argparse.Namespace) -> dict:

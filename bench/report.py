@@ -290,6 +290,10 @@ def render(results: dict) -> str:
             "",
             f"## Profile of one gateway worker at c=64 ({prof['samples']} samples, py-spy)",
             "",
+            "Sampled with `py-spy record --gil`: only moments when the worker runs Python count, "
+            "so time spent preempted or in the kernel is left out (the worker's system time is "
+            "about a tenth of its user time at this load).",
+            "",
             f"Raw collapsed stacks: `{prof['file']}` (speedscope.app opens it). "
             f"Throughput while profiled: {prof['rps']:.0f} req/s.",
             "",

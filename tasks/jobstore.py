@@ -17,9 +17,18 @@ from collections.abc import Iterator
 
 import redis
 
+# Statuses in which a job still takes line results. Once it is finalizing or final, a late
+# duplicate of a chunk (a redelivered message, a re-sent stalled chunk) must change nothing:
+# its results were written out and its counts are final.
+OPEN_STATUSES = ("queued", "running", "in_progress", "cancelling", "expiring")
+
 # KEYS: out, err, job, pending, job's remaining, job's tally. ARGV: line, payload, ok ("1"/"0"),
 # model, now, tally (a JSON object of counts to add, or '').
-_RECORD_LINE = """
+_RECORD_LINE = "local open = ' " + " ".join(OPEN_STATUSES) + " '" + """
+local status = redis.call('HGET', KEYS[3], 'status') or ''
+if not string.find(open, ' ' .. status .. ' ', 1, true) then
+  return 0
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return 0
 end

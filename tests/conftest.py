@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import redis as redis_lib
 import urllib3
 
 from runtimes.registry import READY, RuntimeRegistry
-from tests.harness import RedisServer, Stack
+from tests.harness import REPO, RedisServer, Stack, ensure_dockerd
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -65,6 +66,29 @@ def redis_db(redis_server):
     client.flushdb()
 
 
+SIM_IMAGE = "llm-gateway-sim:latest"
+
+
+@pytest.fixture(scope="session")
+def docker_daemon(tmp_path_factory) -> str:
+    """A Docker engine that answers (started here when we are root) and the sim engine's image
+    built from the tree; never skips. Returns the image tag."""
+    try:
+        ensure_dockerd(tmp_path_factory.mktemp("dockerd"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    script = str(REPO / "scripts" / "build-sim-image.sh")
+    build = subprocess.run([script, SIM_IMAGE], capture_output=True, text=True, timeout=1800)
+    if build.returncode == 0 and "--force" in build.stdout:
+        # The image predates the current runtimes/sim: test what is in the tree (a cached
+        # rebuild takes seconds).
+        build = subprocess.run([script, "--force", SIM_IMAGE], capture_output=True, text=True,
+                               timeout=1800)
+    if build.returncode != 0:
+        pytest.fail(f"scripts/build-sim-image.sh failed:\n{build.stdout}\n{build.stderr}")
+    return SIM_IMAGE
+
+
 @pytest.fixture(scope="session")
 def keys_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "auth.keys.json"
@@ -85,6 +109,9 @@ def stack(tmp_path_factory, redis_server, keys_file):
         BATCH_SWEEP_SECONDS="1",
         BATCH_CHUNK_LINES="50",
         CELERY_VISIBILITY_TIMEOUT="15",
+        # A batch with no line done for 10 s has its open chunks sent again: after a worker is
+        # killed, recovery does not wait for the broker to give its messages back.
+        BATCH_STALL_SECONDS="10",
         MAX_REQUEST_BYTES=str(256 * 1024),
     )
     try:

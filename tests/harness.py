@@ -67,6 +67,41 @@ def kill_engines(state_dir: Path) -> int:
     return killed
 
 
+def docker_answers() -> bool:
+    import docker  # only the Docker tests need the SDK at hand
+
+    try:
+        client = docker.from_env(timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (docker.errors.DockerException, OSError):
+        return False
+
+
+def ensure_dockerd(log_dir: Path) -> None:
+    """Make sure a Docker engine answers, starting `dockerd` when we may (root, installed).
+
+    Raises RuntimeError saying why when none can be had. A dockerd started here is left running
+    after the tests, like any system daemon.
+    """
+    if docker_answers():
+        return
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        raise RuntimeError("no Docker engine answers and dockerd cannot be started here "
+                           "(needs root and dockerd installed); start it: dockerd &")
+    log_path = Path(log_dir) / "dockerd.log"
+    with open(log_path, "ab") as log:
+        subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(docker_answers, 60, interval=0.5, what="dockerd")
+    except TimeoutError:
+        raise RuntimeError(f"dockerd did not come up in 60 s:\n"
+                           f"{log_path.read_text()[-3000:]}") from None
+
+
 class RedisServer:
     def __init__(self, workdir: Path, appendonly: bool = False):
         self.port = free_port()

@@ -28,7 +28,7 @@ import pytest
 import urllib3
 
 from runtimes.backends.docker import HF_MOUNT, LABEL_MODEL, LABEL_ORCHESTRATOR
-from tests.harness import REPO, free_port, wait_for
+from tests.harness import REPO, ensure_dockerd, free_port, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -44,17 +44,6 @@ FLOWER_AUTH = ("flower-admin", f"pw-{RUN}")
 REALTIME_DEMO = {"model": "synquid/gemma-3-27b-it-FP8", "prompt": "hello", "max_tokens": 16}
 BATCH_DEMO = {"model": "mistralai/Mistral-7B-Instruct-v0.1",
               "prompt": "Write a haiku about snow.", "max_tokens": 32, "priority": 1}
-
-
-def _docker_answers() -> bool:
-    try:
-        client = docker.from_env(timeout=5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (docker.errors.DockerException, OSError):
-        return False
 
 
 def _compose_cli() -> list[str]:
@@ -154,19 +143,10 @@ def _engines(client: docker.DockerClient) -> list:
 @pytest.fixture(scope="module")
 def docker_client(tmp_path_factory):
     """A Docker engine that answers (started here when we are root); never skips."""
-    if not _docker_answers():
-        if os.geteuid() != 0 or shutil.which("dockerd") is None:
-            pytest.fail("no Docker engine answers and dockerd cannot be started here "
-                        "(needs root and dockerd installed); start it: dockerd &")
-        log_path = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-        with open(log_path, "ab") as log:
-            # Left running after the tests, like any system daemon.
-            subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_for(_docker_answers, 60, interval=0.5, what="dockerd")
-        except TimeoutError:
-            pytest.fail(f"dockerd did not come up in 60 s:\n{log_path.read_text()[-3000:]}")
+    try:
+        ensure_dockerd(tmp_path_factory.mktemp("dockerd"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     client = docker.from_env()
     yield client
     client.close()

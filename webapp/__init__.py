@@ -61,10 +61,32 @@ def register_services(app: Flask, settings: Settings) -> None:
     # The tick asks for starts the same deduplicated way a cold call does.
     control.request_start = request_start = start_requester(registry)
     control.weights.request_download = download_requester()
+    router = RuntimeRouter(registry, settings.registry_cache_seconds)
+    register_batch_services(app, settings, client, control, router)
+    app.extensions.update(
+        redis=client,
+        keystore=KeyStore(settings.auth_keys_file, settings.keys_reload_interval_seconds),
+        limiter=KeyLimiter(client),
+        catalog=control.catalog,
+        registry=registry,
+        router=router,
+        usage=UsageTracker(registry),
+        engine_client=EngineClient(
+            settings.upstream_pool_size,
+            settings.upstream_connect_timeout,
+            settings.upstream_read_timeout,
+        ),
+        request_start=request_start,
+        control=control,
+        weights=control.weights,
+    )
+
+
+def register_batch_services(app: Flask, settings: Settings, client, control, router) -> None:
+    """Files, batch jobs and eval runs: one job store, one batch machinery."""
     files = FileStore(client, settings.files_dir)
     jobs = JobStore(client)
-    control.batch_pending = jobs.pending
-    router = RuntimeRouter(registry, settings.registry_cache_seconds)
+    control.batch_pending = jobs.pending  # the autoscaler's batch queue depth
     batches = BatchService(
         jobs, files, control.catalog, router,
         BatchLimits(
@@ -86,27 +108,7 @@ def register_services(app: Flask, settings: Settings) -> None:
     batches.kinds["eval_run"] = EvalRunner(jobs, items_dir, batches.request)
     evals = EvalService(EvalStore(client), jobs, files, items_dir, batches.limits,
                         enqueue_prepare, enqueue_chunk)
-    app.extensions.update(
-        redis=client,
-        files=files,
-        jobs=jobs,
-        batches=batches,
-        evals=evals,
-        keystore=KeyStore(settings.auth_keys_file, settings.keys_reload_interval_seconds),
-        limiter=KeyLimiter(client),
-        catalog=control.catalog,
-        registry=registry,
-        router=router,
-        usage=UsageTracker(registry),
-        engine_client=EngineClient(
-            settings.upstream_pool_size,
-            settings.upstream_connect_timeout,
-            settings.upstream_read_timeout,
-        ),
-        request_start=request_start,
-        control=control,
-        weights=control.weights,
-    )
+    app.extensions.update(files=files, jobs=jobs, batches=batches, evals=evals)
 
 
 def register_blueprints(app: Flask) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -34,7 +33,8 @@ from runtimes.engines import engine_for
 from runtimes.factory import make_backend
 from runtimes.inventory import DEFAULT_DOCKER_URL, GpuHost
 from runtimes.registry import READY, RuntimeRegistry
-from tests.harness import REPO, wait_for
+from tests.conftest import SIM_IMAGE  # built by the docker_daemon fixture
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -42,7 +42,6 @@ SESSION = f"test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 ORCHESTRATOR_ID = SESSION
 OTHER_ORCHESTRATOR_ID = f"{SESSION}-other"
 NETWORK = f"llm-gw-{SESSION}"
-SIM_IMAGE = os.environ.get("SIM_IMAGE", "llm-gateway-sim:latest")
 
 CATALOG = {
     "models": [
@@ -55,42 +54,9 @@ CATALOG = {
 }
 
 
-def _docker_answers() -> bool:
-    try:
-        client = docker.from_env(timeout=5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (docker.errors.DockerException, OSError):
-        return False
-
-
-@pytest.fixture(scope="session")
-def docker_engine(tmp_path_factory):
-    """A Docker engine that answers, and the sim image built; never skips."""
-    if not _docker_answers():
-        if os.geteuid() != 0 or shutil.which("dockerd") is None:
-            pytest.fail("no Docker engine answers and dockerd cannot be started here "
-                        "(needs root and dockerd installed); start it: dockerd &")
-        log_path = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-        with open(log_path, "ab") as log:
-            # Left running after the session, like any system daemon: other users may need it.
-            subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_for(_docker_answers, 60, interval=0.5, what="dockerd")
-        except TimeoutError:
-            pytest.fail(f"dockerd did not come up in 60 s:\n{log_path.read_text()[-3000:]}")
-    script = str(REPO / "scripts" / "build-sim-image.sh")
-    build = subprocess.run([script, SIM_IMAGE], capture_output=True, text=True, timeout=1800)
-    if build.returncode == 0 and "--force" in build.stdout:
-        # The image predates the current runtimes/sim: test what is in the tree (a cached
-        # rebuild takes seconds).
-        build = subprocess.run([script, "--force", SIM_IMAGE], capture_output=True, text=True,
-                               timeout=1800)
-    if build.returncode != 0:
-        pytest.fail(f"scripts/build-sim-image.sh failed:\n{build.stdout}\n{build.stderr}")
+@pytest.fixture(scope="module")
+def docker_engine(docker_daemon):
+    """The Docker engine with the sim image, and a network of this module's; never skips."""
     client = docker.from_env()
     client.networks.create(NETWORK, labels={LABEL_ORCHESTRATOR: ORCHESTRATOR_ID})
     yield client

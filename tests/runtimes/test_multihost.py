@@ -20,8 +20,8 @@ import urllib3
 from config.settings import load_settings
 from runtimes.factory import build_control_plane
 from runtimes.registry import READY
+from tests.conftest import SIM_IMAGE
 from tests.harness import REPO, wait_for
-from tests.runtimes.test_docker_backend import SIM_IMAGE, docker_engine  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.docker
 
@@ -29,7 +29,7 @@ BRIDGE = "br-gwtest"
 
 
 @pytest.fixture(scope="module")
-def second_engine(tmp_path_factory, docker_engine):  # noqa: F811
+def second_engine(tmp_path_factory, docker_daemon):
     """A second dockerd with its own socket, data root and bridge, holding the sim image."""
     if os.geteuid() != 0:
         pytest.fail("a second Docker engine needs root (as CI has)")

@@ -17,13 +17,12 @@ import redis as redis_lib
 from runtimes.registry import RuntimeRegistry
 from tests.conftest import DATA, raw_post, ready_records
 from tests.harness import REPO, Stack, wait_for
-from tests.runtimes.test_docker_backend import docker_engine  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def docker_stack(tmp_path_factory, redis_server, keys_file, docker_engine):  # noqa: F811
+def docker_stack(tmp_path_factory, redis_server, keys_file, docker_daemon):
     orchestrator = f"test-stack-{uuid.uuid4().hex[:8]}"
     stack = Stack(tmp_path_factory.mktemp("docker-stack"), f"{redis_server.url}/5",
                   DATA / "models.test.json", keys_file, RUNTIME_BACKEND="docker",
