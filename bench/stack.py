@@ -133,8 +133,13 @@ class Endpoint:
 class Stack:
     """The benchmarked system. Use as a context manager so teardown always runs."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(
+        self, log_dir: Path, catalog: dict | None = None, extra_env: dict[str, str] | None = None
+    ):
         self.log_dir = log_dir
+        # Another bench (bench.batch) may serve other models, or set more of the environment.
+        self.catalog = CATALOG if catalog is None else catalog
+        self.extra_env = dict(extra_env or {})
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._tmp = tempfile.TemporaryDirectory(prefix="gw-bench-")
         self.tmp = Path(self._tmp.name)
@@ -143,6 +148,7 @@ class Stack:
         self.redis_proc: subprocess.Popen | None = None
         self.gateway_proc: subprocess.Popen | None = None
         self.celery_proc: subprocess.Popen | None = None
+        self.batch_proc: subprocess.Popen | None = None
         self.redis_port = 0
         self.gateway: Endpoint | None = None
         self.gateway_workers = 0
@@ -189,6 +195,7 @@ class Stack:
             LOG_LEVEL="WARNING",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         return env
 
     def start_redis(self) -> None:
@@ -210,7 +217,7 @@ class Stack:
                     raise BenchError("redis did not answer PING within 10 s") from None
                 time.sleep(0.05)
         self.redis = client
-        (self.tmp / "catalog.json").write_text(json.dumps(CATALOG))
+        (self.tmp / "catalog.json").write_text(json.dumps(self.catalog))
 
     def start_celery(self) -> None:
         # -s keeps beat's schedule file in our temp dir: the repo's own celerybeat-schedule.*
@@ -222,6 +229,37 @@ class Stack:
              "-s", str(self.tmp / "celerybeat-schedule")],
             env=self.env(),
         )  # fmt: skip
+
+    def start_batch_worker(self, concurrency: int = 64, timeout: float = 60.0) -> None:
+        """The batch worker as `make run` starts it: `-Q batch -P gevent -c 64`.
+
+        Logs at INFO because that is where celery says "ready."; a chunk is one message, so the
+        log stays small.
+        """
+        self.batch_proc = self._spawn(
+            "celery-batch",
+            [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker", "-Q", "batch",
+             "-P", "gevent", "-c", str(concurrency), "-n", "batch-bench@%h", "-l", "INFO"],
+            env=self.env(),
+        )  # fmt: skip
+        log_path = self.log_dir / "celery-batch.log"
+        deadline = time.monotonic() + timeout
+        while b"ready." not in log_path.read_bytes():
+            self._check_alive(self.batch_proc, "celery-batch")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the batch worker was not ready within {timeout:.0f} s; "
+                                 f"log tail:\n{_tail(log_path)}")  # fmt: skip
+            time.sleep(0.1)
+
+    def batch_pids(self) -> list[int]:
+        """The batch worker's processes (the main one and any child)."""
+        if self.batch_proc is None:
+            return []
+        try:
+            main = psutil.Process(self.batch_proc.pid)
+            return [main.pid, *(c.pid for c in main.children(recursive=True))]
+        except psutil.Error:
+            return []
 
     def start_gateway(self, workers: int) -> None:
         port = free_port()
@@ -276,6 +314,7 @@ class Stack:
         """Fail the bench if a process of the system died while it was measured."""
         self._check_alive(self.redis_proc, "redis")
         self._check_alive(self.celery_proc, "celery")
+        self._check_alive(self.batch_proc, "celery-batch")
         self._check_alive(self.gateway_proc, f"gunicorn-{self.gateway_workers}w")
 
     # -- models ----------------------------------------------------------------------------
@@ -354,6 +393,9 @@ class Stack:
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.stop_gateway()
+            if self.batch_proc is not None:
+                _stop_group(self.batch_proc, grace=10)
+                self.batch_proc = None
             if self.celery_proc is not None:
                 _stop_group(self.celery_proc, grace=10)
                 self.celery_proc = None

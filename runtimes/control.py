@@ -19,7 +19,7 @@ from runtimes.backends.base import Backend, BackendError, Observed
 from runtimes.catalog import ModelCatalog, ModelSpec
 from runtimes.engines import engine_for
 from runtimes.placement import Inventory, place, used_gpus, with_reservations
-from runtimes.policy import Action, Snapshot, batch_caps, plan
+from runtimes.policy import MAX_FAILED_STARTS, Action, Snapshot, batch_caps, plan
 from runtimes.registry import (
     DRAINING,
     FAILED,
@@ -96,6 +96,12 @@ class ControlPlane:
         spec = self.catalog.get(model)
         if spec is None:
             log.warning("ensure_running: %s is not in the catalog", model)
+            return None
+        # A start asked for before the model's last failure may arrive after it: the failure
+        # count, not the asking, decides.
+        if self.registry.failed_starts().get(model, 0) >= MAX_FAILED_STARTS:
+            log.info("not starting %s: failed %d times in a row, waiting for a reset", model,
+                     MAX_FAILED_STARTS)
             return None
         asleep = [r for r in self.registry.for_model(model) if r.state == SLEEPING]
         if asleep and not any(r.state in (READY, STARTING) for r in self.registry.for_model(model)):
