@@ -228,7 +228,8 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
     """User + system CPU seconds so far of web workers, batch worker and engines: which of them
     is the bottleneck of a batch shows as the one near 100 % of a core."""
     groups = {"web": stack.worker_pids(), "batch": stack.batch_pids(),
-              "engines": stack.engine_pids()}  # fmt: skip
+              "engines": stack.engine_pids(),
+              "redis": [stack.redis_proc.pid] if stack.redis_proc else []}  # fmt: skip
     out = {}
     for name, pids in groups.items():
         total = 0.0
@@ -257,11 +258,12 @@ def run_batch(stack: Stack, batches: Batches, model: str, lines: int, max_tokens
     others.start()
     cpu_before = cpu_seconds(stack)
     try:
-        file_id = batches.upload_lines(model, lines, max_tokens)
-        started = time.monotonic()
-        batch = batches.create(file_id)
-        done = batches.wait(batch.id, stack, timeout=300)
-        seconds = time.monotonic() - started
+        with EngineWatch(stack, model) as watch:
+            file_id = batches.upload_lines(model, lines, max_tokens)
+            started = time.monotonic()
+            batch = batches.create(file_id)
+            done = batches.wait(batch.id, stack, timeout=300)
+            seconds = time.monotonic() - started
     finally:
         sampler.stop()
     cpu_after = cpu_seconds(stack)
@@ -295,6 +297,7 @@ def run_batch(stack: Stack, batches: Batches, model: str, lines: int, max_tokens
         "other_load": other_load,
         # Upload included: shares of one core over the batch's wall time.
         "cpu_util": {k: (cpu_after[k] - cpu_before[k]) / seconds for k in cpu_after},
+        "engine": watch.summary(),
     }
 
 
@@ -623,8 +626,14 @@ def render(results: dict) -> str:
         "",
         f"CPU during the {big['lines']}-line batch, as a share of one core over its wall time "
         f"(upload included): web workers {big['cpu_util']['web']:.0%}, batch worker "
-        f"{big['cpu_util']['batch']:.0%}, engines {big['cpu_util']['engines']:.0%}. The batch "
-        "worker is one process (gevent): near 100 % it is the bottleneck.",
+        f"{big['cpu_util']['batch']:.0%}, engines {big['cpu_util']['engines']:.0%}, redis "
+        f"{big['cpu_util']['redis']:.0%}. The batch worker is one process (gevent): near 100 % "
+        "it is the bottleneck. Sampled every 0.2 s meanwhile: batch admission leases held mean "
+        f"{num(big['engine']['batch_inflight']['mean'])} (cap "
+        f"{num(big['engine']['cap']['min'])}-{num(big['engine']['cap']['max'])}), requests "
+        f"running in the engine mean {num(big['engine']['running']['mean'])}, max "
+        f"{num(big['engine']['running']['max'])}: leases held but not at the engine are lines "
+        "between lease and answer inside the batch worker.",
         "",
         "## 2. Memory (peak RSS sampled every 0.2 s, upload to completed)",
         "",

@@ -84,6 +84,10 @@ def relay_stream(
     `on_first()` when the engine's first bytes came (time to first token)."""
     state = {"client_gone": False}
     watcher = None
+    if client_sock is not None:
+        # Tokens are small writes that must leave at once, not wait for the previous one's ACK.
+        with contextlib.suppress(OSError):
+            client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if client_sock is not None and gevent is not None:
         watcher = gevent.spawn(_watch_client, client_sock, upstream, state)
     outcome = "client_gone"
