@@ -15,6 +15,10 @@ engines; see `bench.stack`), then measures:
 3. realtime under batch: TTFT of 4 concurrent realtime streams on a realistic engine (50 ms to
    first token, 10 ms per token, 96 slots) alone, then while a 20,000-line batch runs on it.
 
+The machine is shared: each phase reports the share of the cores other processes used meanwhile,
+and a realtime run during which they took more than 10 % is measured once more (the quieter of
+the two is kept).
+
 Writes `bench/results/batch.md` (and `.json`) and prints it. Exit status: 0 when the report was
 written, PASS or FAIL; 1 when the system could not be brought up or the bench is void (a request
 failed); 130 when interrupted. Everything it started is stopped in every case.
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -397,15 +402,38 @@ class EngineWatch:
         }
 
 
+QUIET = 0.10  # other processes' share of the cores above which a realtime run is measured again
+
+
+def _quietest(measure, attempts: int = 2) -> dict:
+    """Run `measure` (which returns a dict with `other_load`) again when the shared machine was
+    busy meanwhile, up to `attempts` times; keep the least disturbed run."""
+    best: dict | None = None
+    for attempt in range(1, attempts + 1):
+        result = measure()
+        result["attempts"] = attempt
+        if best is None or result["other_load"] < best["other_load"]:
+            best = result
+        if result["other_load"] <= QUIET:
+            break
+        log(f"  other processes used {result['other_load']:.0%} of the machine: measuring again")
+    assert best is not None
+    return best
+
+
 def realtime_under_batch(stack: Stack, batches: Batches, lines: int, seconds: float) -> dict:
     stream_load(stack, 1.0)  # unmeasured: connections and the gateway's pool to the engine
-    others = OtherLoad()
-    others.start()
-    alone = stream_load(stack, seconds)
-    alone_load = others.stop()
+
+    def alone_run() -> dict:
+        others = OtherLoad()
+        others.start()
+        result = stream_load(stack, seconds)
+        return {"streams": result, "other_load": others.stop()}
+
+    alone = _quietest(alone_run)
     log(
-        f"  realtime alone: TTFT p50 {alone['ttft_p50_ms']:.1f} ms, "
-        f"p95 {alone['ttft_p95_ms']:.1f} ms"
+        f"  realtime alone: TTFT p50 {alone['streams']['ttft_p50_ms']:.1f} ms, "
+        f"p95 {alone['streams']['ttft_p95_ms']:.1f} ms"
     )
 
     file_id = batches.upload_lines(REALISTIC, lines, STREAM_TOKENS)
@@ -413,35 +441,47 @@ def realtime_under_batch(stack: Stack, batches: Batches, lines: int, seconds: fl
     # Measure only once the batch runs at its full rate: its first lines done, then a moment.
     batches.wait(batch.id, stack, 120, until=lambda b: b.request_counts.completed >= 64)
     time.sleep(2.0)
-    with EngineWatch(stack, REALISTIC) as watch:
-        before = batches.batch.batches.retrieve(batch.id).request_counts.completed
-        others.start()
-        began = time.monotonic()
-        mixed = stream_load(stack, seconds)
-        took = time.monotonic() - began
-        mixed_load = others.stop()
-        during = batches.batch.batches.retrieve(batch.id)
-    if during.status != "in_progress":
-        raise BenchError(f"the batch was {during.status} before realtime was measured to the end")
-    if during.request_counts.failed:
-        raise BenchError(f"batch lines failed during the mixed run: {during.request_counts}")
-    batch_rate = (during.request_counts.completed - before) / took
+
+    def mixed_run() -> dict:
+        others = OtherLoad()
+        with EngineWatch(stack, REALISTIC) as watch:
+            before = batches.batch.batches.retrieve(batch.id).request_counts.completed
+            others.start()
+            began = time.monotonic()
+            result = stream_load(stack, seconds)
+            took = time.monotonic() - began
+            load = others.stop()
+            during = batches.batch.batches.retrieve(batch.id)
+        if during.status != "in_progress":
+            raise BenchError(f"the batch was {during.status} before realtime was measured")
+        if during.request_counts.failed:
+            raise BenchError(f"batch lines failed during the mixed run: {during.request_counts}")
+        return {
+            "streams": result,
+            "other_load": load,
+            "batch_lines_per_s": (during.request_counts.completed - before) / took,
+            "engine": watch.summary(),
+        }
+
+    mixed = _quietest(mixed_run)
     log(
-        f"  realtime with batch: TTFT p50 {mixed['ttft_p50_ms']:.1f} ms, p95 "
-        f"{mixed['ttft_p95_ms']:.1f} ms; batch {batch_rate:.0f} lines/s meanwhile"
+        f"  realtime with batch: TTFT p50 {mixed['streams']['ttft_p50_ms']:.1f} ms, p95 "
+        f"{mixed['streams']['ttft_p95_ms']:.1f} ms; batch {mixed['batch_lines_per_s']:.0f} "
+        "lines/s meanwhile"
     )
     # The batch has served its purpose; cancelling it keeps the bench short.
     batches.batch.batches.cancel(batch.id)
     ended = batches.wait(batch.id, stack, 120)
     return {
-        "alone": alone,
-        "mixed": mixed,
+        "alone": alone["streams"],
+        "mixed": mixed["streams"],
         "batch_lines": lines,
-        "batch_lines_per_s": batch_rate,
+        "batch_lines_per_s": mixed["batch_lines_per_s"],
         "batch_final": ended.status,
         "batch_done_at_cancel": ended.request_counts.completed,
-        "engine": watch.summary(),
-        "other_load": {"alone": alone_load, "mixed": mixed_load},
+        "engine": mixed["engine"],
+        "other_load": {"alone": alone["other_load"], "mixed": mixed["other_load"]},
+        "attempts": {"alone": alone["attempts"], "mixed": mixed["attempts"]},
     }
 
 
@@ -566,15 +606,15 @@ def render(results: dict) -> str:
     def num(value, fmt=".0f") -> str:
         return "n/a" if value is None else format(value, fmt)
 
-    busy = max(
-        [
-            meta["other_load_before"],
-            big["other_load"],
-            small["other_load"],
-            direct["other_load"],
-            *rt["other_load"].values(),
-        ]
-    )
+    phases = {
+        "before the run": meta["other_load_before"],
+        f"{small['lines']}-line batch": small["other_load"],
+        f"{big['lines']}-line batch": big["other_load"],
+        "direct client": direct["other_load"],
+        "realtime alone": rt["other_load"]["alone"],
+        "realtime with the batch": rt["other_load"]["mixed"],
+    }
+    busy = [f"{name} ({load:.0%})" for name, load in phases.items() if load > 0.10]
     out = [
         "# Batch benchmark: throughput, memory, realtime beside batch",
         "",
@@ -582,12 +622,13 @@ def render(results: dict) -> str:
         f"- machine: {meta['machine']}",
         f"- command: `{meta['command']}` (git {meta['git']})",
         f"- run time: {meta['run_seconds']:.0f} s",
-        f"- other load on the machine just before the run: {meta['other_load_before']:.0%} of "
-        f"all cores; at most {busy:.0%} during a measured phase"
+        "- other load on the machine (share of all cores used by processes outside the bench): "
+        + ", ".join(f"{name} {load:.0%}" for name, load in phases.items())
         + (
-            " — **the machine was busy: numbers are lower than the system can do**"
-            if busy > 0.10
-            else ""
+            ". **The machine was busy during: " + ", ".join(busy) + "**; numbers measured "
+            "then are worse than the system can do."
+            if busy
+            else "; the machine was quiet."
         ),
         "",
         "## Targets",
@@ -632,8 +673,9 @@ def render(results: dict) -> str:
         f"{num(big['engine']['batch_inflight']['mean'])} (cap "
         f"{num(big['engine']['cap']['min'])}-{num(big['engine']['cap']['max'])}), requests "
         f"running in the engine mean {num(big['engine']['running']['mean'])}, max "
-        f"{num(big['engine']['running']['max'])}: leases held but not at the engine are lines "
-        "between lease and answer inside the batch worker.",
+        f"{num(big['engine']['running']['max'])} (this engine holds a request for well under a "
+        "millisecond, so the gauge reads about 0): the leases are held by lines that are inside "
+        "the batch worker, between taking a lease and storing the answer.",
         "",
         "## 2. Memory (peak RSS sampled every 0.2 s, upload to completed)",
         "",
@@ -667,7 +709,16 @@ def render(results: dict) -> str:
         f"{rt['batch_done_at_cancel']} lines done).",
         "",
         *_table(
-            ["", "streams", "TTFT p50", "TTFT p95", "TTFT p99", "whole stream p50", "other load"],
+            [
+                "",
+                "streams",
+                "TTFT p50",
+                "TTFT p95",
+                "TTFT p99",
+                "whole stream p50",
+                "other load",
+                "attempts",
+            ],
             [
                 [
                     label,
@@ -677,6 +728,7 @@ def render(results: dict) -> str:
                     f"{r['ttft_p99_ms']:.1f} ms",
                     f"{r['duration_p50_ms']:.1f} ms",
                     f"{rt['other_load'][key]:.0%}",
+                    str(rt.get("attempts", {}).get(key, 1)),
                 ]
                 for label, key, r in (
                     ("alone", "alone", rt["alone"]),
@@ -740,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smaller batches and shorter runs, to check the harness",
     )
+    parser.add_argument("--render", metavar="JSON", help="only re-render the report of a saved run")
     parser.add_argument("--direct-client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=ZERO, help=argparse.SUPPRESS)
     parser.add_argument("--lines", type=int, default=10_000, help=argparse.SUPPRESS)
@@ -751,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
             _direct(args.direct_client, args.model, args.lines, args.concurrency, args.max_tokens)
         )
         json.dump(result, sys.stdout)
+        return 0
+    if args.render:
+        sys.stdout.write(render(json.loads(Path(args.render).read_text())))
         return 0
     args.argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _raise_interrupt)

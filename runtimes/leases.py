@@ -26,13 +26,17 @@ HEARTBEAT_SECONDS = 2.0
 # KEYS[1] = lease set; ARGV = now, expiry, limit, lease id, heartbeat key prefix.
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local holder = string.match(member, '^(.*)|')
-  if holder and redis.call('EXISTS', ARGV[5] .. holder) == 0 then
-    redis.call('ZREM', KEYS[1], member)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  -- Full: before refusing, give back the slots of holders that are gone (only then, so the
+  -- common case stays one sorted-set update).
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local holder = string.match(member, '^(.*)|')
+    if holder and redis.call('EXISTS', ARGV[5] .. holder) == 0 then
+      redis.call('ZREM', KEYS[1], member)
+    end
   end
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], math.ceil(ARGV[2] - ARGV[1]) + 60)
 return 1

@@ -16,6 +16,7 @@ from flask import Flask
 from config.settings import Settings, load_settings
 from runtimes.factory import build_control_plane, make_redis
 from runtimes.routing import RuntimeRouter
+from runtimes.upstream import EngineClient
 from tasks.batch import enqueue_chunk
 from tasks.batch_service import BatchLimits, BatchService
 from tasks.celery_app import celery_init_app
@@ -34,7 +35,6 @@ from webapp.logs import configure_logging
 from webapp.metrics import register_metrics
 from webapp.request_id import register_request_id
 from webapp.schemas import check_engine_body
-from webapp.upstream import EngineClient
 from webapp.usage import UsageTracker
 
 

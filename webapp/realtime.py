@@ -11,13 +11,13 @@ from flask import Blueprint, Response, current_app, g, request
 
 from runtimes.catalog import ModelSpec
 from runtimes.registry import READY
+from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 from webapp import coldstart
 from webapp.auth import admit, check_model_allowed, require_scope
 from webapp.errors import APIError
 from webapp.metrics import StreamTimer
 from webapp.relay import normalise_engine_error, read_body, relay_stream
 from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
-from webapp.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 
 bp = Blueprint("realtime", __name__)
 

@@ -14,8 +14,8 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 
+from runtimes.upstream import EngineBrokeOff, EngineTimeout, UpstreamResponse
 from webapp.errors import APIError
-from webapp.upstream import EngineBrokeOff, EngineTimeout, UpstreamResponse
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 The proxy's hot path spent over a third of its CPU in urllib3 (retry objects, response
 wrappers, http.client's parser). Engines (vLLM and SGLang on uvicorn, the sim on aiohttp) speak
 plain HTTP/1.1 with Content-Length or chunked bodies, so this sends each request in one write
-and parses just what it needs. Under gunicorn's gevent worker the sockets are cooperative.
+and parses just what it needs. The proxy (webapp) and the batch workers (tasks) both use it;
+under gevent (gunicorn's worker, Celery's gevent pool) the sockets are cooperative.
 
 A reused connection that the engine closed while idle (uvicorn closes idle keep-alive
 connections after a few seconds) fails before any byte of the answer; such a request is sent
