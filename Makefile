@@ -21,8 +21,11 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# Both benchmarks, each side by side with a direct client in one run (bench/REPORT.md,
+# bench/BATCH_REPORT.md hold copies of recent runs).
 bench: $(STAMP)
 	$(BIN)/python -m bench.realtime
+	$(BIN)/python -m bench.batch
 
 simulate: $(STAMP)
 	$(BIN)/python -m bench.simulate
