@@ -16,7 +16,7 @@ from webapp import coldstart
 from webapp.auth import admit, check_model_allowed, require_scope
 from webapp.errors import APIError
 from webapp.metrics import StreamTimer
-from webapp.relay import normalise_engine_error, read_body, relay_stream
+from webapp.relay import engine_failure, normalise_engine_error, read_body, relay_stream
 from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
 
 bp = Blueprint("realtime", __name__)
@@ -63,14 +63,9 @@ def _open_upstream(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str)
         usage.begin(record.id, spec.id)
         try:
             return record, client.send(record.host, record.port, path, raw, request_id)
-        except EngineTimeout:
+        except (EngineTimeout, EngineBrokeOff) as exc:
             usage.end(record.id)
-            raise APIError(504, "The model's engine did not answer in time.",
-                           type="server_error", code="engine_timeout") from None
-        except EngineBrokeOff:
-            usage.end(record.id)
-            raise APIError(502, "The model's engine closed the connection without an answer.",
-                           type="server_error", code="engine_error") from None
+            raise engine_failure(exc) from None
         except EngineUnreachable:
             usage.end(record.id)
             # The cached route may be stale (the engine was stopped a moment ago): look again,

@@ -1,6 +1,7 @@
-"""Forwarding a call to an engine over pooled connections, and relaying its stream as it comes.
+"""The engine's answer to the client: the body, an error in our envelope, or the stream.
 
-The request body is sent as the client sent it (no re-serialisation). A streamed answer is
+The call itself goes out through `runtimes.upstream` with the body as the client sent it (no
+re-serialisation). A streamed answer is
 relayed chunk by chunk as the engine writes it. If the client hangs up, the engine request is
 closed at once (a watcher notices the hang-up even while the engine is silent), so the engine
 frees the slot; if the engine dies mid-stream, the client gets an error event, never a hang.
@@ -25,15 +26,20 @@ except ImportError:  # pragma: no cover - gevent is a runtime dependency
     gevent = None
 
 
+def engine_failure(exc: EngineTimeout | EngineBrokeOff) -> APIError:
+    """The client's answer when the engine timed out (504) or broke off (502)."""
+    if isinstance(exc, EngineTimeout):
+        return APIError(504, "The model's engine did not answer in time.", type="server_error",
+                        code="engine_timeout")
+    return APIError(502, "The model's engine broke off its answer.", type="server_error",
+                    code="engine_error")
+
+
 def read_body(upstream: UpstreamResponse) -> bytes:
     try:
         return upstream.read()
-    except EngineTimeout:
-        raise APIError(504, "The model's engine did not answer in time.", type="server_error",
-                       code="engine_timeout") from None
-    except EngineBrokeOff:
-        raise APIError(502, "The model's engine broke off its answer.", type="server_error",
-                       code="engine_error") from None
+    except (EngineTimeout, EngineBrokeOff) as exc:
+        raise engine_failure(exc) from None
 
 
 def normalise_engine_error(status: int, body: bytes) -> bytes:
