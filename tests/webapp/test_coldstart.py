@@ -136,6 +136,9 @@ def test_retry_after_is_calibrated_by_the_observed_start(stack, registry):
     assert int(first.headers["Retry-After"]) == 30
     warm(stack, model)
     [record] = ready_records(registry, model)
+    # A served call clears the model's demand (the web workers report it within a second);
+    # stopped before that, a stale "wanted" would rightly start it again.
+    wait_for(lambda: model not in registry.demand(), 5, what="the demand to be cleared")
     _stop_via_control_plane(stack, record.id)
     assert not registry.for_model(model)
 
