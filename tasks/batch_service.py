@@ -31,8 +31,10 @@ from runtimes.catalog import ModelCatalog
 from runtimes.leases import LeaseSet
 from runtimes.routing import RuntimeRouter
 from runtimes.upstream import EngineBrokeOff, EngineClient, EngineTimeout, EngineUnreachable
+from tasks.admission import AdmissionGate
 from tasks.filestore import FileStore
-from tasks.jobstore import JobStore
+from tasks.jobstore import JobStore, LineResult
+from tasks.linewriter import LineWriter
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,9 @@ class BatchService:
         self.enqueue_chunk = enqueue_chunk
         # Checks a request body for an endpoint; raises ValueError naming the bad field.
         self.validate_line = validate_line
-        self.admission = LeaseSet(jobs.redis, f"{jobs.prefix}:batch_inflight",
-                                  lease_seconds=read_timeout + 60)
+        self.admission = AdmissionGate(
+            LeaseSet(jobs.redis, f"{jobs.prefix}:batch_inflight", lease_seconds=read_timeout + 60),
+            self._cap, sync_seconds=STATE_CACHE_SECONDS)
         # The proxy's lean keep-alive client: per line, urllib3 cost more than the line's work.
         self.engines = EngineClient(limits.chunk_parallel * 2, connect_timeout, read_timeout)
         self._status: dict[str, tuple[float, str | None]] = {}
@@ -279,8 +282,12 @@ class BatchService:
         if runnable and job["kind"] == "completion":
             self.jobs.transition(job_id, ("queued",), "running", "started_at")
         if runnable:
+            writer: LineWriter[LineResult] = LineWriter(
+                lambda results: self._store(job_id, results))
             with ThreadPoolExecutor(min(self.limits.chunk_parallel, len(runnable))) as pool:
-                outcomes = list(pool.map(lambda item: self._run_line(job, *item), runnable))
+                outcomes = list(pool.map(lambda item: self._run_line(job, *item, writer),
+                                         runnable))
+            writer.close()
             left += [item for item, finished in zip(runnable, outcomes, strict=True)
                      if not finished]
         if left and self._still_running(job_id):
@@ -297,8 +304,9 @@ class BatchService:
             self._status[job_id] = (now, status)
         return status in ("in_progress", "running", "queued")
 
-    def _run_line(self, job: dict, number: int, line: dict) -> bool:
-        """Run one line; True when its result is stored (or it was already)."""
+    def _run_line(self, job: dict, number: int, line: dict,
+                  writer: LineWriter[LineResult]) -> bool:
+        """Run one line; True when its result is handed to `writer` to be stored once."""
         kind = self.kinds.get(job["kind"])
         tally = None
         try:
@@ -315,23 +323,26 @@ class BatchService:
             ok, payload = False, self._error_line(line, "engine_error", str(exc))
             if kind is not None:
                 ok, payload, tally = kind.finish_line(job, number, line, ok, payload)
-        models = line_models(line)
-        if self.jobs.record_line(job["id"], number, models[0] if models else "", ok, payload,
-                                 tally):
-            self.jobs.release_pending(job["id"], models[1:])
-            if self.on_line and models:
-                self.on_line(models[0], ok)
+        writer.add(LineResult(number, line_models(line), ok, payload, tally))
         return True
+
+    def _store(self, job_id: str, results: list[LineResult]) -> None:
+        stored = self.jobs.record_lines(job_id, results)
+        if self.on_line is not None:
+            for result, fresh in zip(results, stored, strict=True):
+                if fresh and result.models:
+                    self.on_line(result.models[0], result.ok)
 
     def _lease(self, job: dict, model: str) -> str:
         """An admission lease for one call to `model`; JobStopped if the job stops meanwhile."""
-        while True:
-            if not self._still_running(job["id"]):
-                raise JobStopped(job["id"])
-            lease = self.admission.acquire(model, self._cap(model))
-            if lease is not None:
-                return lease
-            time.sleep(0.05)
+        job_id = job["id"]
+        lease = None
+        if self._still_running(job_id):
+            lease = self.admission.acquire(model, job.get("priority") or 0,
+                                           lambda: self._still_running(job_id))
+        if lease is None:
+            raise JobStopped(job_id)
+        return lease
 
     def _cap(self, model: str) -> int:
         """Lines of `model` allowed in flight: set by the autoscaler; else a default per engine."""
@@ -482,16 +493,25 @@ class BatchService:
         for first, end, offset in open_chunks:
             self.enqueue_chunk(job["id"], first, end, offset, job.get("priority") or 0)
 
-    def _expire_open_lines(self, job: dict) -> None:
+    def _expire_open_lines(self, job: dict, block: int = 500) -> None:
+        def expire(lines: list[tuple[int, dict]]) -> None:
+            done = self.jobs.done_lines(job["id"], [number for number, _ in lines])
+            self.jobs.record_lines(job["id"], [
+                LineResult(number, line_models(line), False,
+                           self._error_line(line, "batch_expired",
+                                            "the batch expired before this request ran"))
+                for number, line in lines if number not in done])
+
+        lines: list[tuple[int, dict]] = []
         with open(self.files.path(job["input_file_id"]), "rb") as fh:
             for number, raw in enumerate(fh, start=1):
-                if not raw.strip() or self.jobs.done_lines(job["id"], [number]):
-                    continue
-                line = json.loads(raw)
-                self.jobs.record_line(
-                    job["id"], number, line["body"]["model"], False,
-                    self._error_line(line, "batch_expired",
-                                     "the batch expired before this request ran"))
+                if raw.strip():
+                    lines.append((number, json.loads(raw)))
+                if len(lines) >= block:
+                    expire(lines)
+                    lines = []
+        if lines:
+            expire(lines)
 
 
 def batch_object(job: dict) -> dict:

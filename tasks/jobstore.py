@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import redis
 
@@ -22,32 +23,45 @@ import redis
 # its results were written out and its counts are final.
 OPEN_STATUSES = ("queued", "running", "in_progress", "cancelling", "expiring")
 
-# KEYS: out, err, job, pending, job's remaining, job's tally. ARGV: line, payload, ok ("1"/"0"),
-# model, now, tally (a JSON object of counts to add, or '').
-_RECORD_LINE = "local open = ' " + " ".join(OPEN_STATUSES) + " '" + """
+# KEYS: out, err, job, pending, job's remaining, job's tally. ARGV: now, then five per line:
+# line, payload, ok ("1"/"0"), the models it counted against (newline-separated), tally (a JSON
+# object of counts to add, or ''). Returns 1 per line stored, 0 per line refused.
+_RECORD_LINES = "local open = ' " + " ".join(OPEN_STATUSES) + " '" + """
 local status = redis.call('HGET', KEYS[3], 'status') or ''
+local stored = {}
 if not string.find(open, ' ' .. status .. ' ', 1, true) then
-  return 0
+  for i = 2, #ARGV, 5 do table.insert(stored, 0) end
+  return stored
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  return 0
-end
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('HINCRBY', KEYS[3], 'completed', 1)
-else
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('HINCRBY', KEYS[3], 'failed', 1)
-end
-if redis.call('HINCRBY', KEYS[4], ARGV[4], -1) <= 0 then redis.call('HDEL', KEYS[4], ARGV[4]) end
-redis.call('HINCRBY', KEYS[5], ARGV[4], -1)
-redis.call('HSET', KEYS[3], 'progress_at', ARGV[5])
-if ARGV[6] ~= '' then
-  for field, amount in pairs(cjson.decode(ARGV[6])) do
-    redis.call('HINCRBY', KEYS[6], field, amount)
+local completed, failed = 0, 0
+for i = 2, #ARGV, 5 do
+  local line = ARGV[i]
+  if redis.call('HEXISTS', KEYS[1], line) == 1 or redis.call('HEXISTS', KEYS[2], line) == 1 then
+    table.insert(stored, 0)
+  else
+    if ARGV[i + 2] == '1' then
+      redis.call('HSET', KEYS[1], line, ARGV[i + 1])
+      completed = completed + 1
+    else
+      redis.call('HSET', KEYS[2], line, ARGV[i + 1])
+      failed = failed + 1
+    end
+    for model in string.gmatch(ARGV[i + 3], '[^\\n]+') do
+      if redis.call('HINCRBY', KEYS[4], model, -1) <= 0 then redis.call('HDEL', KEYS[4], model) end
+      redis.call('HINCRBY', KEYS[5], model, -1)
+    end
+    if ARGV[i + 4] ~= '' then
+      for field, amount in pairs(cjson.decode(ARGV[i + 4])) do
+        redis.call('HINCRBY', KEYS[6], field, amount)
+      end
+    end
+    table.insert(stored, 1)
   end
 end
-return 1
+if completed > 0 then redis.call('HINCRBY', KEYS[3], 'completed', completed) end
+if failed > 0 then redis.call('HINCRBY', KEYS[3], 'failed', failed) end
+if completed + failed > 0 then redis.call('HSET', KEYS[3], 'progress_at', ARGV[1]) end
+return stored
 """
 
 # KEYS: job. ARGV: new status, timestamp field, now, allowed statuses...
@@ -63,6 +77,17 @@ end
 return 0
 """
 
+# KEYS: out, err. ARGV: line numbers. Returns those stored in either.
+_DONE_LINES = """
+local done = {}
+for _, line in ipairs(ARGV) do
+  if redis.call('HEXISTS', KEYS[1], line) == 1 or redis.call('HEXISTS', KEYS[2], line) == 1 then
+    table.insert(done, line)
+  end
+end
+return done
+"""
+
 JSON_FIELDS = ("metadata", "errors", "body", "response", "error", "allowed_models", "chunks",
                "data_source", "testing_criteria", "item_schema")
 INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
@@ -71,12 +96,21 @@ INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "
               "progress_at")
 
 
+class LineResult(NamedTuple):
+    line: int
+    models: list[str]  # the models whose queue depth the line counted in
+    ok: bool
+    payload: dict | bytes  # the result line, or its JSON already encoded
+    tally: dict[str, int] | None = None
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "gw"):
         self.redis = client
         self.prefix = prefix
-        self._record_line = client.register_script(_RECORD_LINE)
+        self._record_lines = client.register_script(_RECORD_LINES)
         self._transition = client.register_script(_TRANSITION)
+        self._done_lines = client.register_script(_DONE_LINES)
 
     def key(self, job_id: str, part: str = "") -> str:
         return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
@@ -148,43 +182,39 @@ class JobStore:
 
     # -- lines ---------------------------------------------------------------------------
 
-    def record_line(self, job_id: str, line: int, model: str, ok: bool, payload: dict,
+    def record_line(self, job_id: str, line: int, models: list[str], ok: bool, payload: dict,
                     tally: dict[str, int] | None = None) -> bool:
-        """Store a line's result once; False if the line was already recorded. `tally` (counts
-        a job kind keeps per job, e.g. an eval's passes) is added in the same atomic step."""
-        return bool(self._record_line(
+        """Store a line's result once; False if the line was already recorded (or the job no
+        longer takes results). The line stops counting in the queue depth of each of `models`.
+        `tally` (counts a job kind keeps per job, e.g. an eval's passes) is added in the same
+        atomic step."""
+        return self.record_lines(job_id, [LineResult(line, models, ok, payload, tally)])[0]
+
+    def record_lines(self, job_id: str, results: list[LineResult]) -> list[bool]:
+        """`record_line` for many lines in one round trip: whether each was stored."""
+        args: list = [int(time.time())]
+        for result in results:
+            args += [result.line, result.payload if isinstance(result.payload, bytes)
+                     else json.dumps(result.payload), "1" if result.ok else "0",
+                     "\n".join(result.models), json.dumps(result.tally) if result.tally else ""]
+        stored = self._record_lines(
             keys=[self.key(job_id, "out"), self.key(job_id, "err"), self.key(job_id),
                   f"{self.prefix}:batch_pending", self.key(job_id, "remaining"),
                   self.key(job_id, "tally")],
-            args=[line, json.dumps(payload), "1" if ok else "0", model, int(time.time()),
-                  json.dumps(tally) if tally else ""],
-        ))
+            args=args)
+        return [bool(flag) for flag in stored]
 
     def tally(self, job_id: str) -> dict[str, int]:
         raw = self.redis.hgetall(self.key(job_id, "tally"))
         return {k.decode(): int(v) for k, v in raw.items()}
 
-    def release_pending(self, job_id: str, models: list[str]) -> None:
-        """A recorded line no longer waits for these models either (a line that needs several
-        engines counts in each one's queue depth; `record_line` releases the first)."""
-        if not models:
-            return
-        pipe = self.redis.pipeline()
-        for model in models:
-            pipe.hincrby(f"{self.prefix}:batch_pending", model, -1)
-            pipe.hincrby(self.key(job_id, "remaining"), model, -1)
-        pipe.execute()
-        for model in models:
-            if int(self.redis.hget(f"{self.prefix}:batch_pending", model) or 0) <= 0:
-                self.redis.hdel(f"{self.prefix}:batch_pending", model)
-
     def done_lines(self, job_id: str, lines: list[int]) -> set[int]:
-        pipe = self.redis.pipeline(transaction=False)
-        for line in lines:
-            pipe.hexists(self.key(job_id, "out"), line)
-            pipe.hexists(self.key(job_id, "err"), line)
-        flags = pipe.execute()
-        return {line for i, line in enumerate(lines) if flags[2 * i] or flags[2 * i + 1]}
+        """Those of `lines` whose result is stored."""
+        if not lines:
+            return set()
+        done = self._done_lines(keys=[self.key(job_id, "out"), self.key(job_id, "err")],
+                                args=lines)
+        return {int(line) for line in done}
 
     def line_result(self, job_id: str, line: int) -> tuple[bool, dict] | None:
         out = self.redis.hget(self.key(job_id, "out"), line)

@@ -1,0 +1,49 @@
+"""Recording lines' results in the job store (`tasks.jobstore`), against a real Redis."""
+
+from __future__ import annotations
+
+import json
+
+from tasks.jobstore import JobStore, LineResult
+
+
+def _job(store: JobStore, pending: dict[str, int], status: str = "in_progress") -> str:
+    job_id = store.create("batch", "owner", {"status": status, "total": sum(pending.values())})
+    store.add_pending(job_id, pending)
+    return job_id
+
+
+def test_many_lines_in_one_write_each_once(redis_db):
+    store = JobStore(redis_db, "t")
+    job_id = _job(store, {"a": 4, "b": 1})
+    stored = store.record_lines(job_id, [
+        LineResult(1, ["a"], True, {"n": 1}),
+        LineResult(2, ["a"], False, b'{"n": 2}'),  # already encoded: stored as is
+        LineResult(1, ["a"], True, {"n": "again"}),  # the same line twice: the second refused
+        LineResult(3, ["a", "b"], True, {"n": 3}, {"passed": 1}),
+    ])
+    assert stored == [True, True, False, True]
+    job = store.get(job_id)
+    assert (job["completed"], job["failed"]) == (2, 1)
+    assert json.loads(store.redis.hget(store.key(job_id, "out"), 1)) == {"n": 1}
+    assert json.loads(store.redis.hget(store.key(job_id, "err"), 2)) == {"n": 2}
+    # Line 3 needed both models: it left both queues. One line of "a" is still waiting.
+    assert store.pending() == {"a": 1}
+    assert store.tally(job_id) == {"passed": 1}
+    assert store.done_lines(job_id, [1, 2, 3, 4, 5]) == {1, 2, 3}
+    # A redelivered chunk stores nothing twice and counts nothing twice.
+    assert store.record_lines(job_id, [LineResult(3, ["a", "b"], True, {"n": 3}, {"passed": 1}),
+                                       LineResult(4, ["a"], True, {"n": 4})]) == [False, True]
+    assert store.get(job_id)["completed"] == 3
+    assert store.tally(job_id) == {"passed": 1}
+    assert store.pending() == {}
+
+
+def test_a_finalizing_job_takes_no_more_lines(redis_db):
+    store = JobStore(redis_db, "t")
+    job_id = _job(store, {"a": 2})
+    assert store.record_line(job_id, 1, ["a"], True, {"n": 1})
+    store.transition(job_id, ("in_progress",), "finalizing")
+    assert store.record_lines(job_id, [LineResult(2, ["a"], True, {"n": 2})]) == [False]
+    assert store.done_lines(job_id, [1, 2]) == {1}
+    assert store.get(job_id)["completed"] == 1
