@@ -18,11 +18,13 @@ line's answer (more engine calls included) before the result is stored, and ends
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -129,6 +131,8 @@ class BatchService:
         # Told (model, ok) once per line stored, in the worker that ran it: metrics.
         self.on_line: Callable[[str, bool], None] | None = None
         self._caps: tuple[float, dict[str, int]] = (0.0, {})
+        self._writers: dict[str, tuple[LineWriter[LineResult], int]] = {}
+        self._writers_lock = threading.Lock()
         # Job kinds other than batches and single completions, by the job's `kind`.
         self.kinds: dict[str, JobKind] = {}
 
@@ -282,49 +286,102 @@ class BatchService:
         if runnable and job["kind"] == "completion":
             self.jobs.transition(job_id, ("queued",), "running", "started_at")
         if runnable:
-            writer: LineWriter[LineResult] = LineWriter(
-                lambda results: self._store(job_id, results))
-            with ThreadPoolExecutor(min(self.limits.chunk_parallel, len(runnable))) as pool:
-                outcomes = list(pool.map(lambda item: self._run_line(job, *item, writer),
-                                         runnable))
-            writer.close()
-            left += [item for item, finished in zip(runnable, outcomes, strict=True)
-                     if not finished]
+            with self._writer(job_id) as writer:
+                handed = self._dispatch(job, runnable, writer)
+                numbers = [n for n in handed if n is not None]
+                if numbers:
+                    writer.wait(min(numbers), max(numbers))
+            left += [item for item, number in zip(runnable, handed, strict=True)
+                     if number is None]
         if left and self._still_running(job_id):
             return REQUEUE_SECONDS
         self._close_chunk(self.jobs.get(job_id), first)
         return None
 
+    @contextlib.contextmanager
+    def _writer(self, job_id: str) -> Iterator[LineWriter[LineResult]]:
+        """The job's line writer in this process, shared by its chunks running here."""
+        with self._writers_lock:
+            writer, users = self._writers.get(job_id, (None, 0))
+            if writer is None:
+                writer = LineWriter(lambda results: self._store(job_id, results))
+            self._writers[job_id] = (writer, users + 1)
+        try:
+            yield writer
+        finally:
+            with self._writers_lock:
+                users = self._writers[job_id][1] - 1
+                if users:
+                    self._writers[job_id] = (writer, users)
+                else:
+                    del self._writers[job_id]
+
+    def _dispatch(self, job: dict, items: list[tuple[int, dict]],
+                  writer: LineWriter[LineResult]) -> list[int | None]:
+        """Run `items`, at most `chunk_parallel` at a time, each started once it holds the
+        admission lease of its first engine call: while the cap is full, a chunk waits for it
+        as one thread, not as a thread per line (thousands, each holding a stack). Returns,
+        per line, its number in `writer` or None if it did not finish."""
+        job_id = job["id"]
+        slots = threading.Semaphore(self.limits.chunk_parallel)
+        futures = []
+
+        def run(number: int, line: dict, lease: str | None) -> int | None:
+            try:
+                return self._run_line(job, number, line, writer, lease)
+            finally:
+                slots.release()
+
+        with ThreadPoolExecutor(min(self.limits.chunk_parallel, len(items))) as pool:
+            for number, line in items:
+                slots.acquire()
+                lease = None
+                if line.get("body") is not None:
+                    if self._still_running(job_id):
+                        lease = self.admission.acquire(line["body"]["model"],
+                                                       job.get("priority") or 0,
+                                                       lambda: self._still_running(job_id))
+                    if lease is None:  # the job stopped: dispatch no more
+                        slots.release()
+                        break
+                futures.append(pool.submit(run, number, line, lease))
+        return ([future.result() for future in futures]
+                + [None] * (len(items) - len(futures)))
+
     def _still_running(self, job_id: str) -> bool:
         now = time.monotonic()
         seen, status = self._status.get(job_id, (0.0, None))
         if now - seen > STATE_CACHE_SECONDS:
+            if seen:  # lines that find it stale meanwhile use the old value: one read, no herd
+                self._status[job_id] = (now, status)
             raw = self.jobs.redis.hget(self.jobs.key(job_id), "status")
             status = raw.decode() if raw else None
             self._status[job_id] = (now, status)
         return status in ("in_progress", "running", "queued")
 
-    def _run_line(self, job: dict, number: int, line: dict,
-                  writer: LineWriter[LineResult]) -> bool:
-        """Run one line; True when its result is handed to `writer` to be stored once."""
+    def _run_line(self, job: dict, number: int, line: dict, writer: LineWriter[LineResult],
+                  lease: str | None = None) -> int | None:
+        """Run one line (its first engine call under `lease`, taken for it and given back
+        here). When it finished, its result is handed to `writer` to be stored once: return its
+        number there; None when it must run again later."""
         kind = self.kinds.get(job["kind"])
         tally = None
         try:
-            ok, payload = self._call(job, line) if line.get("body") is not None else (True, None)
+            ok, payload = (self._call(job, line, lease) if line.get("body") is not None
+                           else (True, None))
             if kind is not None:
                 ok, payload, tally = kind.finish_line(job, number, line, ok, payload)
         except JobStopped:
-            return False
+            return None
         except Transient as exc:
             attempts = self.jobs.note_attempt(job["id"], number)
             if attempts < self.limits.line_attempts:
                 log.info("line %d of %s will be retried (%s)", number, job["id"], exc)
-                return False
+                return None
             ok, payload = False, self._error_line(line, "engine_error", str(exc))
             if kind is not None:
                 ok, payload, tally = kind.finish_line(job, number, line, ok, payload)
-        writer.add(LineResult(number, line_models(line), ok, payload, tally))
-        return True
+        return writer.add(LineResult(number, line_models(line), ok, payload, tally))
 
     def _store(self, job_id: str, results: list[LineResult]) -> None:
         stored = self.jobs.record_lines(job_id, results)
@@ -356,18 +413,21 @@ class BatchService:
             return max(1, cap)
         return self.limits.per_runtime_cap * max(1, len(self.router.ready(model)))
 
-    def _call(self, job: dict, line: dict) -> tuple[bool, dict]:
-        answer = self.request(job, line["body"]["model"], line["url"], line["body"])
+    def _call(self, job: dict, line: dict, lease: str | None) -> tuple[bool, dict]:
+        answer = self.request(job, line["body"]["model"], line["url"], line["body"], lease)
         result = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line["custom_id"],
                   "response": {"status_code": answer.status, "request_id": answer.request_id,
                                "body": answer.body},
                   "error": None}
         return answer.status < 400, result
 
-    def request(self, job: dict, model: str, url: str, body: dict) -> EngineAnswer:
-        """POST `body` to a ready engine of `model`, under that model's admission lease.
+    def request(self, job: dict, model: str, url: str, body: dict,
+                lease: str | None = None) -> EngineAnswer:
+        """POST `body` to a ready engine of `model`, under that model's admission lease (this
+        one, taken already, or one waited for here); the lease is given back before returning.
         Raises Transient when the engine cannot answer now, JobStopped when the job stops."""
-        lease = self._lease(job, model)
+        if lease is None:
+            lease = self._lease(job, model)
         try:
             return self._post(model, url, body)
         finally:
