@@ -22,6 +22,12 @@ def enqueue_chunk(job_id: str, first: int, end: int, offset: int, priority: int,
                           priority=celery_priority(priority), countdown=countdown or None)
 
 
+def enqueue_validate(batch_id: str) -> None:
+    # Validation is quick and only sends chunks, which carry the batch's own priority: it goes
+    # ahead of waiting lines.
+    validate.apply_async(args=[batch_id], queue="batch", priority=0)
+
+
 @shared_task(name="batch.validate", ignore_result=True)
 def validate(batch_id: str) -> None:
     current_app.extensions["batches"].validate(batch_id)

@@ -45,6 +45,9 @@ WINDOWS = {"24h": 24 * 3600}
 MAX_REPORTED_ERRORS = 100
 # Seconds a chunk waits before looking again for its model's engine, or after a transient error.
 REQUEUE_SECONDS = 3.0
+# The statuses of a job before its chunks exist: a batch being validated, an eval run being
+# prepared.
+PREPARING = ("validating", "queued")
 # How long a worker trusts what it read of a job's status and the admission caps: every line
 # checks both, and a cancel need only stop dispatch "quickly", not within a microsecond.
 STATE_CACHE_SECONDS = 0.5
@@ -135,6 +138,9 @@ class BatchService:
         self._writers_lock = threading.Lock()
         # Job kinds other than batches and single completions, by the job's `kind`.
         self.kinds: dict[str, JobKind] = {}
+        # Sends the message that validates (prepares) a job of a kind, by the job's `kind`: the
+        # sweep sends it again when it was lost.
+        self.preparers: dict[str, Callable[[str], None]] = {}
 
     # -- creating --------------------------------------------------------------------------
 
@@ -203,12 +209,11 @@ class BatchService:
             self.jobs.transition(batch_id, ("validating",), "failed", "failed_at")
             self.jobs.close(batch_id)
             return
-        self.jobs.update(batch_id, total=count, chunks_total=len(chunks),
-                         chunks=[list(c) for c in chunks], progress_at=int(time.time()))
-        self.jobs.add_pending(batch_id, per_model)
-        if not self.jobs.transition(batch_id, ("validating",), "in_progress", "in_progress_at"):
-            self.jobs.close(batch_id)  # cancelled while validating
-            return
+        fields = {"total": count, "chunks_total": len(chunks), "chunks": [list(c) for c in chunks],
+                  "progress_at": int(time.time())}
+        if not self.jobs.start(batch_id, ("validating",), "in_progress", "in_progress_at",
+                               fields, per_model):
+            return  # cancelled while validating, or validated by another delivery of the message
         for first, end, byte_offset in chunks:
             self.enqueue_chunk(batch_id, first, end, byte_offset, job["priority"])
 
@@ -540,10 +545,19 @@ class BatchService:
                 self.finalize(job["id"])
 
     def _redispatch_if_stalled(self, job: dict, now: float) -> None:
-        if job["status"] not in ("in_progress", "queued", "running"):
-            return
         last = job.get("progress_at") or job.get("in_progress_at") or job["created_at"]
         if now - last < self.limits.stall_seconds:
+            return
+        preparer = self.preparers.get(job["kind"])
+        if job.get("chunks") is None and preparer is not None and job["status"] in PREPARING:
+            # Its validating (preparing) message was lost: send it again. Should the first still
+            # run, only one of the two starts the job (`JobStore.start`).
+            log.warning("%s still %s after %.0f s: sending its preparation again", job["id"],
+                        job["status"], now - last)
+            self.jobs.update(job["id"], progress_at=int(now))
+            preparer(job["id"])
+            return
+        if job["status"] not in ("in_progress", "queued", "running"):
             return
         closed = self.jobs.closed_chunks(job["id"])
         open_chunks = [c for c in job.get("chunks") or [] if c[0] not in closed]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -144,13 +145,12 @@ class EvalService:
             if self.jobs.transition(run_id, ("queued",), "failed", "failed_at"):
                 self.jobs.close(run_id)
             return
-        self.jobs.update(run_id, items_file=items_file, total=count, chunks_total=len(chunks),
-                         chunks=[list(c) for c in chunks])
-        job = self.jobs.get(run_id)
-        self.jobs.add_pending(run_id, {model: count for model in run_models(job)})
-        if not self.jobs.transition(run_id, ("queued",), "in_progress", "in_progress_at"):
-            self.jobs.close(run_id)  # cancelled meanwhile
-            return
+        if not self.jobs.start(run_id, ("queued",), "in_progress", "in_progress_at",
+                               {"items_file": items_file, "total": count,
+                                "chunks_total": len(chunks), "chunks": [list(c) for c in chunks],
+                                "progress_at": int(time.time())},
+                               {model: count for model in run_models(job)}):
+            return  # cancelled meanwhile, or prepared by another delivery of the message
         for first, end, offset in chunks:
             self.enqueue_chunk(run_id, first, end, offset, job.get("priority") or 0)
 

@@ -88,6 +88,34 @@ end
 return done
 """
 
+# KEYS: job, pending, job's remaining. ARGV: new status, timestamp field, now, how many allowed
+# statuses, the allowed statuses..., then field/value pairs, then model/count pairs after a '--'.
+# A job's lines start waiting (fields set, queue depth added, status moved) in one step or not
+# at all: a preparing message delivered twice, or cut short by a dead worker, counts nothing twice.
+_START = """
+local current = redis.call('HGET', KEYS[1], 'status')
+local allowed = false
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do
+  if current == ARGV[i] then allowed = true end
+end
+if not allowed then return 0 end
+local i = 5 + n
+while ARGV[i] ~= '--' do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+i = i + 1
+while i <= #ARGV do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+return 1
+"""
+
 JSON_FIELDS = ("metadata", "errors", "body", "response", "error", "allowed_models", "chunks",
                "data_source", "testing_criteria", "item_schema")
 INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
@@ -111,6 +139,7 @@ class JobStore:
         self._record_lines = client.register_script(_RECORD_LINES)
         self._transition = client.register_script(_TRANSITION)
         self._done_lines = client.register_script(_DONE_LINES)
+        self._start = client.register_script(_START)
 
     def key(self, job_id: str, part: str = "") -> str:
         return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
@@ -261,6 +290,21 @@ class JobStore:
         return int(self.redis.hincrby(self.key(job_id, "attempts"), line, 1))
 
     # -- queue depth for the autoscaler ----------------------------------------------------
+
+    def start(self, job_id: str, from_statuses: tuple[str, ...], status: str, stamp: str,
+              fields: dict, pending: dict[str, int]) -> bool:
+        """If the job is in one of `from_statuses`: set `fields`, add its lines to the queue
+        depth (`pending`, per model) and move it to `status`, all in one step. False (and
+        nothing changed) otherwise."""
+        args: list = [status, stamp, int(time.time()), len(from_statuses), *from_statuses]
+        for name, value in _encode(fields).items():
+            args += [name, value]
+        args.append("--")
+        for model, count in pending.items():
+            if count:
+                args += [model, count]
+        return bool(self._start(keys=[self.key(job_id), f"{self.prefix}:batch_pending",
+                                      self.key(job_id, "remaining")], args=args))
 
     def add_pending(self, job_id: str, counts: dict[str, int]) -> None:
         pipe = self.redis.pipeline()

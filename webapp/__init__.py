@@ -17,7 +17,7 @@ from config.settings import Settings, load_settings
 from runtimes.factory import build_control_plane, make_redis
 from runtimes.routing import RuntimeRouter
 from runtimes.upstream import EngineClient
-from tasks.batch import enqueue_chunk
+from tasks.batch import enqueue_chunk, enqueue_validate
 from tasks.batch_service import BatchLimits, BatchService
 from tasks.celery_app import celery_init_app
 from tasks.control import start_requester
@@ -108,6 +108,8 @@ def register_batch_services(app: Flask, settings: Settings, client, control, rou
     batches.kinds["eval_run"] = EvalRunner(jobs, items_dir, batches.request)
     evals = EvalService(EvalStore(client), jobs, files, items_dir, batches.limits,
                         enqueue_prepare, enqueue_chunk)
+    batches.preparers.update(batch=enqueue_validate,
+                             eval_run=lambda run_id: enqueue_prepare(run_id, 0))
     app.extensions.update(files=files, jobs=jobs, batches=batches, evals=evals)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, g, request
 
-from tasks.batch import validate
+from tasks.batch import enqueue_validate
 from tasks.batch_service import ENDPOINTS, WINDOWS, batch_object
 from webapp.auth import require_scope
 from webapp.errors import APIError
@@ -75,7 +75,7 @@ def create():
         key.name, stored.id, endpoint, window, metadata, priority,
         sorted(key.models) if key.models is not None else None,
     )
-    validate.apply_async(args=[batch["id"]], queue="batch", priority=0)
+    enqueue_validate(batch["id"])
     return batch
 
 

@@ -47,3 +47,25 @@ def test_a_finalizing_job_takes_no_more_lines(redis_db):
     assert store.record_lines(job_id, [LineResult(2, ["a"], True, {"n": 2})]) == [False]
     assert store.done_lines(job_id, [1, 2]) == {1}
     assert store.get(job_id)["completed"] == 1
+
+
+def test_a_job_starts_once_however_often_its_preparation_runs(redis_db):
+    """Fields, queue depth and status in one step: a validation message delivered twice (or
+    sent again by the sweep while the first still runs) counts the lines once."""
+    store = JobStore(redis_db, "t")
+    job_id = store.create("batch", "owner", {"status": "validating", "total": 0})
+    fields = {"total": 3, "chunks_total": 1, "chunks": [[0, 3, 0]]}
+    assert store.start(job_id, ("validating",), "in_progress", "in_progress_at", fields,
+                       {"a": 2, "b": 1})
+    assert not store.start(job_id, ("validating",), "in_progress", "in_progress_at", fields,
+                           {"a": 2, "b": 1})
+    assert store.pending() == {"a": 2, "b": 1}
+    job = store.get(job_id)
+    assert (job["status"], job["total"], job["chunks"]) == ("in_progress", 3, [[0, 3, 0]])
+    assert job["in_progress_at"] is not None
+
+    cancelled = store.create("batch", "owner", {"status": "cancelling", "total": 0})
+    assert not store.start(cancelled, ("validating",), "in_progress", "in_progress_at", fields,
+                           {"a": 5})
+    assert store.pending() == {"a": 2, "b": 1}  # nothing of the cancelled one
+    assert store.get(cancelled).get("chunks") is None

@@ -137,6 +137,26 @@ def test_an_expired_batch_reports_its_open_lines(stack, redis_server):
     assert not set(finished) & {e["custom_id"] for e in errors}
 
 
+def test_a_lost_validation_message_is_sent_again(stack, redis_server):
+    """Redis lost the message that validates a batch (a restart without AOF): the sweep finds
+    the batch still validating after BATCH_STALL_SECONDS (10 s here) and sends it again."""
+    warm(stack, "sim/fast")
+    broker = redis_lib.Redis.from_url(f"{redis_server.url}/0")
+    stack.stop_process("batch")
+    try:
+        client, batch = _submit(stack, "sim/fast", 20, max_tokens=1)
+        queues = [key for key in broker.scan_iter(match="batch*") if broker.type(key) == b"list"]
+        assert queues, "the validation message should wait in the batch queue"
+        broker.delete(*queues)  # lost
+    finally:
+        stack.start_batch_worker("batch")
+    time.sleep(3)
+    assert client.batches.retrieve(batch.id).status == "validating"  # nothing to run it
+    done = _wait(client, batch.id, timeout=60)
+    assert done.status == "completed" and done.request_counts.completed == 20
+    assert set(_custom_ids(client, done.output_file_id).values()) == {1}
+
+
 @pytest.mark.parametrize("priority", [-1, 10, "x"])
 def test_bad_priority_in_batches_is_400(stack, priority):
     import openai
