@@ -1,6 +1,6 @@
 """The batch benchmark (issue #4's speed targets), measured side by side in one run:
 
-    .venv/bin/python -m bench.batch [--quick]
+    .venv/bin/python -m bench.batch [--quick] [--memory-lines N]
 
 Brings the system up on 127.0.0.1 (redis, gunicorn, the control worker, the batch worker as
 `make run` starts it: `celery -A tasks.worker worker -Q batch -P gevent -c 64`, and two sim
@@ -16,7 +16,8 @@ engines; see `bench.stack`), then measures:
    that ratio has no target; it shows the orchestrator's own CPU cost per line against the
    client's, on cores the engine shares;
 2. memory: the peak resident memory of the web workers and the batch worker during a 2,000-line
-   batch and during the 10,000-line one on the GPU-like engine (sampled every 0.2 s);
+   batch and during the 10,000-line one on the GPU-like engine (sampled every 0.2 s), and with
+   `--memory-lines N` during an N-line one too;
 3. realtime under batch: TTFT of 4 concurrent realtime streams on the GPU-like engine alone,
    then while a 20,000-line batch runs on it.
 
@@ -547,6 +548,10 @@ def run(args: argparse.Namespace) -> dict:
             results[f"{key}direct"] = direct
             log(f"  {direct['lines_per_s']:.0f} lines/s")
 
+        if args.memory_lines:
+            log(f"memory: {args.memory_lines}-line batch on the GPU-like engine")
+            results["memory_extra"] = run_batch(stack, batches, REALISTIC, args.memory_lines, 16)
+
         log(f"realtime TTFT, alone and beside a {mixed_lines}-line batch on {REALISTIC}")
         results["realtime"] = realtime_under_batch(stack, batches, mixed_lines, rt_seconds)
         stack.check_running()
@@ -723,8 +728,19 @@ def render(results: dict) -> str:
                     f"{r['web_peak_mb'] + r['batch_peak_mb']:.1f} MB",
                     f"{r['web_before_mb']:.1f} + {r['batch_before_mb']:.1f} MB",
                 ]
-                for r in (small, big)
+                for r in (small, big, *([results["memory_extra"]]
+                                          if "memory_extra" in results else []))
             ],
+        ),
+        "",
+        "The batch worker holds at most 64 chunk messages at once (`-c 64`, 100 lines each), "
+        "and runs a chunk's line only once it holds an admission lease: its memory grows until "
+        "all 64 are busy (a batch of a few thousand lines) and stays there however long the "
+        "batch"
+        + (
+            f"; the {results['memory_extra']['lines']}-line run shows where it levels off."
+            if "memory_extra" in results
+            else " (`--memory-lines 30000` shows where it levels off)."
         ),
         "",
         "## 3. Realtime TTFT on `bench/batch-realistic` "
@@ -819,6 +835,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="smaller batches and shorter runs, to check the harness",
+    )
+    parser.add_argument(
+        "--memory-lines",
+        type=int,
+        metavar="N",
+        help="also measure the memory of an N-line batch (after the 10,000-line one)",
     )
     parser.add_argument("--render", metavar="JSON", help="only re-render the report of a saved run")
     parser.add_argument("--direct-client", metavar="URL", help=argparse.SUPPRESS)
