@@ -295,12 +295,13 @@ class ControlPlane:
         for model in failures:
             details = self.registry.last_failure(model) or {}
             last_failure_at[model] = float(details.get("at", 0.0))
+        demand, pending = self.registry.demand(), self.batch_pending()
         return Snapshot(
             now=now,
             catalog={spec.id: spec for spec in self.catalog},
             runtimes=records,
             observed=self.backend.list(),
-            demand=self.registry.demand(),
+            demand=demand,
             last_used=self.registry.last_used(),
             inflight=self.registry.inflight([r.id for r in records], now),
             failed_starts=failures,
@@ -310,14 +311,35 @@ class ControlPlane:
             restart_backoff_base=self.restart_backoff_base,
             gpu_inventory=self.gpu_inventory,
             arrivals=self.registry.arrivals(self.arrivals_window, now),
-            batch_pending=self.batch_pending(),
+            batch_pending=pending,
             engine_load=self._engine_load(records),
             can_sleep=frozenset(s.id for s in self.catalog if engine_for(s).can_sleep(s)),
             sleep_after_seconds=self.sleep_after_seconds,
             scale_out_waiting=self.scale_out_waiting,
             min_lifetime=self.min_lifetime,
             reservations=self.registry.reservations(now),
+            **self.weights_not_ready(records, {*demand, *pending}),
         )
+
+    def weights_not_ready(self, records: list[RuntimeRecord],
+                           asked: set[str]) -> dict[str, frozenset[str]]:
+        """The snapshot's `weights_missing` and `downloading`, for the models that download
+        their weights, have no live engine (one that has, has its weights) and may be wanted
+        (realtime or batch demand, or `min_replicas`)."""
+        if self.weights is None:
+            return {}
+        live = {r.model for r in records if r.state in LIVE_STATES}
+        missing, downloading = set(), set()
+        for spec in self.catalog:
+            if (not spec.download_weights or spec.id in live
+                    or (spec.id not in asked and not spec.min_replicas)):
+                continue
+            if self.weights.tracker.active(spec.repo_id, spec.revision):
+                missing.add(spec.id)
+                downloading.add(spec.id)
+            elif not self.weights.is_local(spec):
+                missing.add(spec.id)
+        return {"weights_missing": frozenset(missing), "downloading": frozenset(downloading)}
 
     def _engine_load(self, records: list[RuntimeRecord]):
         loads = {}

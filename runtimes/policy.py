@@ -88,6 +88,10 @@ class Snapshot:
     min_lifetime: float = 60.0
     # GPUs set aside for a model by an eviction made for it: model -> (host, GPU ids).
     reservations: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    # Models whose weights are not in the cache yet, and those of them being downloaded: such a
+    # model cannot start before its download ends, so nothing is evicted for it until then.
+    weights_missing: frozenset[str] = frozenset()
+    downloading: frozenset[str] = frozenset()
 
 
 def restart_backoff(failed_starts: int, base: float = 5.0) -> float:
@@ -268,6 +272,13 @@ def _starts_and_evictions(snapshot: Snapshot, live: dict[str, list[RuntimeRecord
     wanted.sort(key=lambda w: (_URGENCY[w[0]], w[1] not in owed,
                                snapshot.demand.get(w[1], snapshot.now)))
     for kind, model, reason, replicas in wanted:
+        if model in snapshot.weights_missing:
+            # It cannot start before its weights are here: evict nothing for it yet. A start
+            # asks for the download (and claims no GPU), unless one is under way.
+            if model not in snapshot.downloading:
+                actions.append(Action("start", f"{reason}; its weights are downloaded first",
+                                      model, replicas=replicas))
+            continue
         needed = snapshot.catalog[model].gpus
         taken = with_reservations(used, snapshot.reservations, model)
         spot = place(needed, snapshot.gpu_inventory, taken) if snapshot.gpu_inventory else ("", ())

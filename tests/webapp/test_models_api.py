@@ -42,6 +42,7 @@ CATALOG = {"models": [
     _hub_entry("hub/twice", "testorg/twice"),
     _hub_entry("hub/slow", "testorg/slow"),
     _hub_entry("hub/primed", "testorg/primed"),
+    _hub_entry("hub/later", "testorg/later"),
     {"id": "sim/plain", "gpus": 0, "engine_args": {"sim": ["--load-seconds", "0.2"]}},
 ]}
 
@@ -54,6 +55,7 @@ def hub():
     # Slow enough to be seen downloading: 2 x 24 MB at 6 MB/s each.
     hub.add(make_model_repo("testorg/slow", shard_mb=24, bytes_per_second=6 * MB))
     hub.add(make_model_repo("testorg/primed", shard_mb=4))
+    hub.add(make_model_repo("testorg/later", shard_mb=8, bytes_per_second=4 * MB))
     yield hub
     hub.stop()
 
@@ -205,6 +207,31 @@ def test_a_cold_call_downloads_first_and_retry_after_includes_the_eta(models_sta
     assert argv[argv.index("--hf-repo") + 1] == "testorg/slow"
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"].endswith("hf")
     assert _call(models_stack, "GET", f"/v1/models/{model}/download").json()["status"] == "done"
+
+
+def test_the_autoscaler_sees_weights_missing_then_downloading_then_here(models_stack):
+    """What the policy is told, so that it evicts nothing for a model that cannot start yet."""
+    from config.settings import load_settings
+    from runtimes.factory import build_control_plane
+
+    model = "hub/later"
+    control = build_control_plane(load_settings({k: v for k, v in models_stack.env.items()
+                                                 if k.isupper()}))
+    assert control.weights is not None
+
+    def seen(asked: set[str]) -> dict:
+        # What `snapshot()` adds for the models asked for (realtime or batch demand); called
+        # with the demand given here, so this stack's autoscaler is not asked to start it.
+        return control.weights_not_ready(control.registry.all(), asked)
+
+    assert seen(set()) == {"weights_missing": frozenset(), "downloading": frozenset()}
+    assert seen({model}) == {"weights_missing": {model}, "downloading": frozenset()}
+    assert _call(models_stack, "POST", f"/v1/models/{model}/download").status == 202
+    assert wait_for(lambda: seen({model})["downloading"] == {model}, 20, interval=0.05,
+                    what="the download to be seen")
+    assert seen({model})["weights_missing"] == {model}
+    assert _wait_download(models_stack, model)["status"] == "done"
+    assert seen({model}) == {"weights_missing": frozenset(), "downloading": frozenset()}
 
 
 def _stop_runtimes(stack, model: str) -> None:
