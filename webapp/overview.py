@@ -200,13 +200,22 @@ def _job(job: dict) -> dict:
     }
 
 
+def _eval_run(jobs, job: dict) -> dict:
+    """An eval run's row: its progress as a job, and its items passed and failed so far."""
+    tally = jobs.tally(job["id"])
+    return {**_job(job), "eval_id": job.get("eval_id"), "name": job.get("name"),
+            "passed": tally.get("passed", 0), "not_passed": tally.get("failed", 0)}
+
+
 def _jobs(jobs) -> dict:
     batches, _ = jobs.list("batch", None, None, JOBS_SHOWN)
     completions, _ = jobs.list("completion", None, None, JOBS_SHOWN)
+    runs, _ = jobs.list("eval_run", None, None, JOBS_SHOWN)
     return {
         "open": int(jobs.redis.zcard(f"{jobs.prefix}:jobs:open")),
         "batches": [_job(j) for j in batches],
         "completions": [_job(j) for j in completions],
+        "eval_runs": [_eval_run(jobs, j) for j in runs],
     }
 
 

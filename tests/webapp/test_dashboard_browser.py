@@ -163,6 +163,28 @@ def test_a_cold_start_and_a_batch_as_they_happen(stack, registry, page):
     assert page.errors == []  # no script errors, no blocked resources (CSP), no failed fetch
 
 
+def test_an_eval_run_is_listed_with_its_grades(stack, page):
+    client = sdk(stack, TOKENS["eval"])
+    schema = {"type": "object", "properties": {"output": {"type": "string"},
+                                               "expected": {"type": "string"}},
+              "required": ["output", "expected"]}
+    created = client.evals.create(
+        name="dashboard eval", data_source_config={"type": "custom", "item_schema": schema},
+        testing_criteria=[{"type": "string_check", "name": "same", "operation": "eq",
+                           "input": "{{item.output}}", "reference": "{{item.expected}}"}])
+    rows = [{"item": {"output": out, "expected": "4"}} for out in ("4", "5", "4")]
+    run = client.evals.runs.create(created.id, name="graded on the board", data_source={
+        "type": "jsonl", "source": {"type": "file_content", "content": rows}})
+    page.goto(f"{stack.base_url}/dashboard?key={TOKENS['monitor']}&refresh=1")
+    row = page.locator(f'#eval-runs tr[data-job="{run.id}"]')
+    expect(row).to_be_visible(timeout=10_000)
+    expect(row.locator(".badge")).to_have_text("completed", timeout=30_000)
+    expect(row).to_contain_text("graded on the board")
+    expect(row.locator("td.num")).to_have_text("2 / 1")  # passed / failed
+    expect(row).to_contain_text("3 of 3 done")
+    assert page.errors == []
+
+
 def test_a_failed_model_shows_its_logs_and_can_be_reset(stack, registry, page):
     page.goto(f"{stack.base_url}/dashboard?key={TOKENS['monitor']}&refresh=1")
     expect(page.locator("#board")).to_be_visible()

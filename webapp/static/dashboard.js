@@ -441,6 +441,15 @@
         el("td", { class: "num", text: String(job.priority) }),
         el("td", { text: clock(job.created_at) }),
         jobProgress(job))), 6, "No single batch completions yet.");
+    fill($("eval-runs").tBodies[0], data.jobs.eval_runs.map((run) =>
+      el("tr", { "data-job": run.id },
+        el("td", { class: "mono", text: run.id }),
+        el("td", { text: run.name || run.eval_id || "" }),
+        el("td", {}, badge(run.status)),
+        el("td", { class: "model", text: run.model || "" }),
+        el("td", { class: "num", text: `${run.passed} / ${run.not_passed}` }),
+        el("td", { text: clock(run.created_at) }),
+        jobProgress(run))), 7, "No eval runs yet.");
   }
 
   function renderDecisions(data) {
