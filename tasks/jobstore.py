@@ -128,7 +128,7 @@ class LineResult(NamedTuple):
     line: int
     models: list[str]  # the models whose queue depth the line counted in
     ok: bool
-    payload: dict | bytes  # the result line, or its JSON already encoded
+    payload: dict  # the result line
     tally: dict[str, int] | None = None
 
 
@@ -223,8 +223,7 @@ class JobStore:
         """`record_line` for many lines in one round trip: whether each was stored."""
         args: list = [int(time.time())]
         for result in results:
-            args += [result.line, result.payload if isinstance(result.payload, bytes)
-                     else json.dumps(result.payload), "1" if result.ok else "0",
+            args += [result.line, json.dumps(result.payload), "1" if result.ok else "0",
                      "\n".join(result.models), json.dumps(result.tally) if result.tally else ""]
         stored = self._record_lines(
             keys=[self.key(job_id, "out"), self.key(job_id, "err"), self.key(job_id),

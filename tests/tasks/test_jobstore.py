@@ -18,7 +18,7 @@ def test_many_lines_in_one_write_each_once(redis_db):
     job_id = _job(store, {"a": 4, "b": 1})
     stored = store.record_lines(job_id, [
         LineResult(1, ["a"], True, {"n": 1}),
-        LineResult(2, ["a"], False, b'{"n": 2}'),  # already encoded: stored as is
+        LineResult(2, ["a"], False, {"n": 2}),
         LineResult(1, ["a"], True, {"n": "again"}),  # the same line twice: the second refused
         LineResult(3, ["a", "b"], True, {"n": 3}, {"passed": 1}),
     ])
