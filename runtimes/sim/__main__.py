@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from runtimes.sim.server import SimConfig, build_app
+from runtimes.sim.config import SimConfig
+from runtimes.sim.server import build_app
 from runtimes.storage import RepoCache
 
 START_FAILURE_EXIT_CODE = 2

@@ -2,8 +2,9 @@
 
 It answers the routes the gateway and the `openai` SDK use (/v1/models, /v1/completions,
 /v1/chat/completions, /health, /metrics and vLLM's sleep-mode endpoints) with vLLM's response and
-error shapes, simulates time to first token, time per output token and a FIFO scheduler with a
-concurrency limit, and can crash mid-request on purpose. Text comes from `textgen`.
+error shapes, simulates time to first token and time per output token, and can crash mid-request
+on purpose. Requests are parsed in `protocol`, queued by `scheduler`, counted in `metrics`; text
+comes from `textgen`.
 
 The gateway is benchmarked against this server, so the per-request path stays lean: responses are
 assembled as strings, metrics are plain counters, and nothing sleeps when the timings are zero.
@@ -17,257 +18,33 @@ import os
 import random
 import sys
 import time
-from bisect import bisect_left
-from collections import deque
-from dataclasses import dataclass
 from itertools import zip_longest
 from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
 
 from runtimes.sim import __version__
-from runtimes.sim.textgen import Generation, count_prompt_tokens, generate, render_chat_prompt
+from runtimes.sim.config import SimConfig
+from runtimes.sim.metrics import METRICS_HEADERS, EngineMetrics
+from runtimes.sim.protocol import (
+    ApiError,
+    GenerationJob,
+    bad_request,
+    parse_chat_request,
+    parse_completion_request,
+    read_json_object,
+)
+from runtimes.sim.scheduler import SlotScheduler
+from runtimes.sim.textgen import Generation
 
 CRASH_EXIT_CODE = 3
-_DEFAULT_MAX_TOKENS = 16
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE_EVENT = "data: [DONE]\n\n"
-_METRICS_HEADERS = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-# vLLM's own bucket edges, so dashboards built for vLLM read the sim the same way.
-_TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-_E2E_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-)
 
 
 def _compact_json(value: object) -> str:
     # vLLM (pydantic) sends JSON without spaces; fewer bytes on the wire is also what we want.
     return json.dumps(value, separators=(",", ":"))
-
-
-@dataclass(frozen=True, slots=True)
-class SimConfig:
-    """Everything the command line can set; the timings mirror what a real engine spends."""
-
-    model: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    load_seconds: float = 0.0
-    ttft_ms: float = 0.0
-    tpot_ms: float = 0.0
-    max_concurrency: int = 256
-    max_model_len: int = 4096
-    crash_after: int = 0
-    fail_start: bool = False
-    sleep_seconds: float = 0.2
-    wake_seconds: float = 0.5
-    snapshot_dir: str | None = None
-
-
-class ApiError(Exception):
-    """A request the engine refuses, carrying vLLM's error body fields."""
-
-    def __init__(self, status: int, message: str, error_type: str, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.param = param
-
-    def response(self) -> web.Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.status,
-            }
-        }
-        return web.json_response(body, status=self.status)
-
-
-def _bad_request(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, "BadRequestError", param)
-
-
-class SlotScheduler:
-    """At most `capacity` requests generate at once; the rest wait in arrival order.
-
-    asyncio.Semaphore does not promise FIFO hand-off on every Python 3.11 patch release, and
-    vLLM's scheduler serves waiting requests first-come first-served, so slots are handed over
-    explicitly from the releasing request to the oldest waiter.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        if self.running < self.capacity and not self._waiters:
-            self.running += 1
-            return
-        slot = asyncio.get_running_loop().create_future()
-        self._waiters.append(slot)
-        try:
-            await slot
-        except asyncio.CancelledError:
-            if slot.done() and not slot.cancelled():
-                # The slot was handed over just as the waiter gave up: pass it on.
-                self.release()
-            else:
-                self._waiters.remove(slot)
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            slot = self._waiters.popleft()
-            if not slot.done():
-                slot.set_result(None)  # the slot changes hands, so `running` stays the same
-                return
-        self.running -= 1
-
-
-class _Histogram:
-    __slots__ = ("bounds", "bucket_counts", "count", "total")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.bucket_counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.count = 0
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.bucket_counts[bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.total += value
-
-
-class EngineMetrics:
-    """vLLM's Prometheus metrics, kept as plain numbers and rendered only when scraped."""
-
-    def __init__(self) -> None:
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.successes: dict[str, int] = {"stop": 0, "length": 0}
-        self.client_disconnects = 0
-        self.ttft = _Histogram(_TTFT_BUCKETS)
-        self.e2e = _Histogram(_E2E_BUCKETS)
-
-    def record_success(self, job: GenerationJob, e2e_seconds: float) -> None:
-        self.generation_tokens += sum(g.token_count for g in job.generations)
-        for generation in job.generations:
-            self.successes[generation.finish_reason] += 1
-        self.e2e.observe(e2e_seconds)
-
-    def render(self, model_name: str, scheduler: SlotScheduler) -> str:
-        label = f'model_name="{_escape_label(model_name)}"'
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        family("vllm:num_requests_running", "gauge", "Number of requests in model execution.")
-        lines.append(f"vllm:num_requests_running{{{label}}} {float(scheduler.running)}")
-        family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.")
-        lines.append(f"vllm:num_requests_waiting{{{label}}} {float(scheduler.waiting)}")
-        family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.")
-        lines.append(
-            f"vllm:kv_cache_usage_perc{{{label}}} {scheduler.running / scheduler.capacity}"
-        )
-        family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.")
-        lines.append(f"vllm:prompt_tokens_total{{{label}}} {float(self.prompt_tokens)}")
-        family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.")
-        lines.append(f"vllm:generation_tokens_total{{{label}}} {float(self.generation_tokens)}")
-        family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
-        for reason, count in self.successes.items():
-            lines.append(
-                f'vllm:request_success_total{{finished_reason="{reason}",{label}}} {float(count)}'
-            )
-        for name, histogram, help_text in (
-            ("vllm:time_to_first_token_seconds", self.ttft, "Histogram of time to first token."),
-            ("vllm:e2e_request_latency_seconds", self.e2e, "Histogram of e2e request latency."),
-        ):
-            family(name, "histogram", help_text)
-            cumulative = 0
-            for bound, count in zip(
-                (*histogram.bounds, "+Inf"), histogram.bucket_counts, strict=True
-            ):
-                cumulative += count
-                lines.append(f'{name}_bucket{{le="{bound}",{label}}} {float(cumulative)}')
-            lines.append(f"{name}_count{{{label}}} {float(histogram.count)}")
-            lines.append(f"{name}_sum{{{label}}} {histogram.total}")
-        family(
-            "sim:client_disconnects_total",
-            "counter",
-            "Requests whose client hung up before the answer was complete.",
-        )
-        lines.append(f"sim:client_disconnects_total{{{label}}} {float(self.client_disconnects)}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-@dataclass(slots=True)
-class GenerationJob:
-    """A validated request: one generation per prompt, plus how to deliver them."""
-
-    kind: str  # "chat" or "completion"
-    generations: list[Generation]
-    prompt_tokens: int
-    stream: bool
-    include_usage: bool
-
-    def usage(self) -> dict[str, int]:
-        completion_tokens = sum(g.token_count for g in self.generations)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
-        }
 
 
 class SimEngine:
@@ -303,115 +80,6 @@ class SimEngine:
 
 
 ENGINE_KEY = web.AppKey("engine", SimEngine)
-
-
-# ---------------------------------------------------------------- request validation
-
-
-def _parse_common(body: dict, config: SimConfig) -> tuple[list[str], bool, bool]:
-    model = body.get("model")
-    # vLLM falls back to the served model when the field is left out.
-    if model is not None and model != config.model:
-        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-    if body.get("n") not in (None, 1):
-        raise _bad_request("The sim engine only supports n=1.", "n")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise _bad_request("`stream` must be a boolean.", "stream")
-    options = body.get("stream_options")
-    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = stop
-    else:
-        raise _bad_request("`stop` must be a string or a list of strings.", "stop")
-    return [s for s in stops if s], stream, include_usage
-
-
-def _max_tokens(body: dict, *fields: str) -> int:
-    for field in fields:
-        value = body.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _bad_request(f"`{field}` must be a positive integer, got {value!r}.", field)
-        return value
-    return _DEFAULT_MAX_TOKENS
-
-
-def _check_context(config: SimConfig, prompt_tokens: int, max_tokens: int) -> None:
-    requested = prompt_tokens + max_tokens
-    if requested > config.max_model_len:
-        raise _bad_request(
-            f"This model's maximum context length is {config.max_model_len} tokens. However, you "
-            f"requested {requested} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-            "completion). Please reduce the length of the messages or completion."
-        )
-
-
-def _completion_prompts(prompt: object) -> list[tuple[str, int]]:
-    """(text, token count) per prompt; token-id prompts are counted by their ids."""
-    if isinstance(prompt, str):
-        return [(prompt, count_prompt_tokens(prompt))]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [(p, count_prompt_tokens(p)) for p in prompt]
-        if all(isinstance(t, int) for t in prompt):
-            return [(" ".join(map(str, prompt)), len(prompt))]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return [(" ".join(map(str, p)), len(p)) for p in prompt]
-    raise _bad_request("`prompt` must be a string, a list of strings, or token ids.", "prompt")
-
-
-def parse_completion_request(body: dict, config: SimConfig) -> GenerationJob:
-    stops, stream, include_usage = _parse_common(body, config)
-    if "prompt" not in body:
-        raise _bad_request("Field required: `prompt`.", "prompt")
-    prompts = _completion_prompts(body["prompt"])
-    max_tokens = _max_tokens(body, "max_tokens")
-    echo = body.get("echo") is True
-    generations = []
-    for text, prompt_tokens in prompts:
-        _check_context(config, prompt_tokens, max_tokens)
-        generation = generate(text, max_tokens, stops)
-        if echo:
-            generation.pieces[0] = text + generation.pieces[0]
-        generations.append(generation)
-    total_prompt_tokens = sum(count for _, count in prompts)
-    return GenerationJob("completion", generations, total_prompt_tokens, stream, include_usage)
-
-
-def parse_chat_request(body: dict, config: SimConfig) -> GenerationJob:
-    stops, stream, include_usage = _parse_common(body, config)
-    messages = body.get("messages")
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
-    ):
-        raise _bad_request(
-            "`messages` must be a non-empty list of messages with a role.", "messages"
-        )
-    max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
-    prompt_text = render_chat_prompt(messages)
-    prompt_tokens = count_prompt_tokens(prompt_text)
-    _check_context(config, prompt_tokens, max_tokens)
-    generation = generate(prompt_text, max_tokens, stops)
-    return GenerationJob("chat", [generation], prompt_tokens, stream, include_usage)
-
-
-async def _read_json_object(request: web.Request) -> dict:
-    try:
-        body = await request.json(loads=json.loads)
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise _bad_request(f"Invalid JSON body: {error}") from error
-    if not isinstance(body, dict):
-        raise _bad_request("The request body must be a JSON object.")
-    return body
 
 
 # ---------------------------------------------------------------- generation
@@ -607,7 +275,7 @@ async def _serve_generation(request: web.Request, kind: str) -> web.StreamRespon
             503, "The engine is sleeping; call /wake_up first.", "ServiceUnavailableError"
         ).response()
     try:
-        body = await _read_json_object(request)
+        body = await read_json_object(request)
         if kind == "chat":
             job = parse_chat_request(body, engine.config)
         else:
@@ -665,14 +333,14 @@ async def _version(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     text = engine.metrics.render(engine.config.model, engine.scheduler)
-    return web.Response(body=text.encode(), headers=_METRICS_HEADERS)
+    return web.Response(body=text.encode(), headers=METRICS_HEADERS)
 
 
 async def _sleep(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     level = request.query.get("level", "1")
     if level not in ("1", "2"):
-        return _bad_request(f"Sleep level must be 1 or 2, got {level!r}.", "level").response()
+        return bad_request(f"Sleep level must be 1 or 2, got {level!r}.", "level").response()
     async with engine.transition_lock:
         if not engine.sleeping:
             engine.accepting = False

@@ -1,0 +1,24 @@
+"""The sim engine's settings: what the command line can set, shared by every other module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Everything the command line can set; the timings mirror what a real engine spends."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    load_seconds: float = 0.0
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+    max_concurrency: int = 256
+    max_model_len: int = 4096
+    crash_after: int = 0
+    fail_start: bool = False
+    sleep_seconds: float = 0.2
+    wake_seconds: float = 0.5
+    snapshot_dir: str | None = None
