@@ -68,6 +68,8 @@ CATALOG = {
             "gpus": 0,
             "idle_timeout_seconds": 3600,
             "expected_start_seconds": 2,
+            # The same cap as the direct client's, whatever the engine's slots.
+            "batch_max_inflight": PER_RUNTIME,
             "engine_args": {"sim": ["--tpot-ms", "0", "--max-concurrency", "1024"]},
         },
         {
@@ -76,6 +78,7 @@ CATALOG = {
             "gpus": 0,
             "idle_timeout_seconds": 3600,
             "expected_start_seconds": 2,
+            "batch_max_inflight": PER_RUNTIME,
             "engine_args": {
                 "sim": ["--ttft-ms", "50", "--tpot-ms", "10", "--max-concurrency", "96"]
             },

@@ -39,7 +39,8 @@ class ModelSpec:
     weights_gb: float | None = None
     min_replicas: int = 0
     max_replicas: int = 1
-    max_concurrency: int = 256
+    max_concurrency: int | None = None  # sequences the engine runs at once; None: its default
+    batch_max_inflight: int | None = None  # batch lines per ready engine; None: see policy
     # Fetch the weights into the shared HF cache before the engine starts (runtimes.weights).
     download_weights: bool = False
     hf_allow_patterns: tuple[str, ...] | None = None
@@ -92,7 +93,12 @@ class _EntrySchema(Schema):
     weights_gb = fields.Float(load_default=None, validate=validate.Range(min=0))
     min_replicas = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
     max_replicas = fields.Integer(load_default=1, validate=validate.Range(min=1, max=64))
-    max_concurrency = fields.Integer(load_default=256, validate=validate.Range(min=1))
+    # Sequences the engine runs at once (vLLM --max-num-seqs, SGLang --max-running-requests);
+    # unset: the engine's own default, or what engine_args say.
+    max_concurrency = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    # Batch lines in flight per ready engine; unset: 3/4 of the engine's concurrency when it is
+    # known, else BATCH_MAX_INFLIGHT_PER_RUNTIME.
+    batch_max_inflight = fields.Integer(load_default=None, validate=validate.Range(min=1))
     # Default: true for engines that load from the Hub (vllm, sglang), false for sim.
     download_weights = fields.Boolean(load_default=None, allow_none=True)
     hf_allow_patterns = fields.List(fields.String(), load_default=None, allow_none=True)
@@ -171,6 +177,7 @@ class ModelCatalog:
                     min_replicas=entry["min_replicas"],
                     max_replicas=entry["max_replicas"],
                     max_concurrency=entry["max_concurrency"],
+                    batch_max_inflight=entry["batch_max_inflight"],
                     download_weights=(engine != "sim" if entry["download_weights"] is None
                                       else entry["download_weights"]),
                     hf_allow_patterns=_patterns(entry["hf_allow_patterns"]),

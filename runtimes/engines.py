@@ -45,9 +45,36 @@ class Engine:
     name = ""
     # Metric names of the engine's queue (waiting, running) and KV-cache use.
     metric_names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = ((), (), ())
+    # The flag that sets how many sequences the engine runs at once.
+    concurrency_flag = ""
 
     def can_sleep(self, spec: ModelSpec) -> bool:
         return False
+
+    def concurrency(self, spec: ModelSpec) -> int | None:
+        """Sequences the engine runs at once, when the catalog says: its engine_args, else its
+        `max_concurrency`. None: the engine's own default, which we do not guess."""
+        args = list(spec.args)
+        for i, arg in enumerate(args):
+            value = None
+            if arg == self.concurrency_flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(self.concurrency_flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                try:
+                    return max(1, int(value))
+                except ValueError:
+                    return None
+        return spec.max_concurrency
+
+    def concurrency_args(self, spec: ModelSpec) -> list[str]:
+        """The flag for the catalog's `max_concurrency`, unless engine_args set it already."""
+        if spec.max_concurrency is None or any(
+                a == self.concurrency_flag or a.startswith(self.concurrency_flag + "=")
+                for a in spec.args):
+            return []
+        return [self.concurrency_flag, str(spec.max_concurrency)]
 
     def argv(self, spec: ModelSpec, host: str, port: int, *, in_container: bool) -> list[str]:
         raise NotImplementedError
@@ -109,6 +136,7 @@ class VllmEngine(Engine):
     """vLLM's OpenAI server (`vllm serve`); the official image's entrypoint is the server."""
 
     name = "vllm"
+    concurrency_flag = "--max-num-seqs"
     metric_names = (
         ("vllm:num_requests_waiting",),
         ("vllm:num_requests_running",),
@@ -130,7 +158,7 @@ class VllmEngine(Engine):
             args += ["--revision", spec.revision]
         if spec.gpus > 1 and "--tensor-parallel-size" not in spec.args:
             args += ["--tensor-parallel-size", str(spec.gpus)]
-        args += list(spec.args)
+        args += self.concurrency_args(spec) + list(spec.args)
         return args if in_container else ["vllm", "serve", *args]
 
     def launch(self, spec, host, port, *, in_container):
@@ -143,6 +171,7 @@ class VllmEngine(Engine):
 
 class SglangEngine(Engine):
     name = "sglang"
+    concurrency_flag = "--max-running-requests"
     metric_names = (
         ("sglang:num_queue_reqs",),
         ("sglang:num_running_reqs",),
@@ -161,7 +190,7 @@ class SglangEngine(Engine):
             args += ["--revision", spec.revision]
         if spec.gpus > 1 and "--tp" not in spec.args:
             args += ["--tp", str(spec.gpus)]
-        return args + list(spec.args)
+        return args + self.concurrency_args(spec) + list(spec.args)
 
 
 class SimEngine(Engine):
@@ -169,6 +198,7 @@ class SimEngine(Engine):
 
     name = "sim"
     metric_names = VllmEngine.metric_names
+    concurrency_flag = "--max-concurrency"
 
     def can_sleep(self, spec):
         return True
@@ -183,6 +213,7 @@ class SimEngine(Engine):
             # Like vLLM's --model: the snapshot is looked up in the HF cache ($HF_HOME).
             *(["--hf-repo", spec.repo_id] if spec.download_weights else []),
             *(["--revision", spec.revision] if spec.download_weights and spec.revision else []),
+            *self.concurrency_args(spec),
             *spec.args,
         ]  # fmt: skip
 

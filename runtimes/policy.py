@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from runtimes.backends.base import Observed
 from runtimes.catalog import ModelSpec
-from runtimes.engines import EngineLoad
+from runtimes.engines import EngineLoad, engine_for
 from runtimes.placement import Inventory, place, used_gpus, with_reservations
 from runtimes.registry import DRAINING, FAILED, READY, SLEEPING, STARTING, RuntimeRecord
 
@@ -351,10 +351,28 @@ def _choose_victims(snapshot: Snapshot, kind: str, model: str, alive: list[Runti
     return best or []
 
 
+# Of an engine's sequences, the share batch may fill by default: the rest is room for realtime
+# calls, which then start at once instead of waiting for batch lines to end.
+BATCH_SHARE_OF_ENGINE = 0.75
+
+
+def batch_per_engine(spec: ModelSpec, default: int) -> int:
+    """Batch lines one ready engine of `spec` may have in flight: the catalog's
+    `batch_max_inflight`; else 3/4 of the engine's concurrency, when the catalog states it
+    (`max_concurrency`, or the flag in engine_args); else `default`."""
+    if spec.batch_max_inflight:
+        return spec.batch_max_inflight
+    concurrency = engine_for(spec).concurrency(spec)
+    if concurrency:
+        return max(1, int(concurrency * BATCH_SHARE_OF_ENGINE))
+    return default
+
+
 def batch_caps(snapshot: Snapshot, previous: dict[str, int], per_runtime: int) -> dict[str, int]:
     """How many batch lines each served model may have in flight: admission control.
 
-    The ceiling is `per_runtime` per ready engine, less the realtime calls in flight. When an
+    The ceiling is `batch_per_engine` per ready engine (`per_runtime` when the catalog says
+    nothing), less the realtime calls in flight. When an
     engine's own queue grows (it is saturated), batch halves at once; when it is clear, batch
     grows back by an eighth of the ceiling per pass. Realtime never waits behind batch for long.
     """
@@ -364,7 +382,8 @@ def batch_caps(snapshot: Snapshot, previous: dict[str, int], per_runtime: int) -
         if record.state == READY:
             ready.setdefault(record.model, []).append(record)
     for model, records in ready.items():
-        ceiling = per_runtime * len(records)
+        spec = snapshot.catalog.get(model)
+        ceiling = (batch_per_engine(spec, per_runtime) if spec else per_runtime) * len(records)
         waiting = sum(snapshot.engine_load.get(r.id, EngineLoad()).waiting for r in records)
         realtime = sum(snapshot.inflight.get(r.id, 0) for r in records)
         cap = previous.get(model, ceiling)

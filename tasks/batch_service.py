@@ -31,6 +31,7 @@ from typing import NamedTuple, Protocol
 
 from runtimes.catalog import ModelCatalog
 from runtimes.leases import LeaseSet
+from runtimes.policy import batch_per_engine
 from runtimes.routing import RuntimeRouter
 from runtimes.upstream import EngineBrokeOff, EngineClient, EngineTimeout, EngineUnreachable
 from tasks.admission import AdmissionGate
@@ -416,7 +417,10 @@ class BatchService:
         cap = caps.get(model)
         if cap is not None:
             return max(1, cap)
-        return self.limits.per_runtime_cap * max(1, len(self.router.ready(model)))
+        spec = self.catalog.get(model)
+        per_engine = (batch_per_engine(spec, self.limits.per_runtime_cap) if spec
+                      else self.limits.per_runtime_cap)
+        return per_engine * max(1, len(self.router.ready(model)))
 
     def _call(self, job: dict, line: dict, lease: str | None) -> tuple[bool, dict]:
         answer = self.request(job, line["body"]["model"], line["url"], line["body"], lease)

@@ -119,3 +119,13 @@ def test_batch_caps_halve_when_the_engine_queues_and_grow_back_by_an_eighth():
     assert batch_caps(clear, {"a": 32}, 64) == {"a": 40}
     # Realtime calls in flight come off the ceiling.
     assert batch_caps(dataclasses.replace(clear, inflight={"a-1": 10}), {"a": 64}, 64) == {"a": 54}
+
+
+def test_the_batch_ceiling_follows_the_engines_concurrency():
+    """An engine of 32 sequences: batch may fill 24 of them (two engines: 48), so realtime
+    calls find a free sequence."""
+    catalog = (gpu_spec("a", 1, max_concurrency=32, max_replicas=2),)
+    two = in_use(on_gpus("a-1", "a", gpus=(0,)), on_gpus("a-2", "a", gpus=(1,)))
+    snap = snapshot(catalog, **two)
+    assert batch_caps(snap, {"a": 200}, 64) == {"a": 48}
+    assert batch_caps(snap, {}, 64) == {"a": 48}  # never above the ceiling
