@@ -52,6 +52,8 @@ PREPARING = ("validating", "queued")
 # How long a worker trusts what it read of a job's status and the admission caps: every line
 # checks both, and a cancel need only stop dispatch "quickly", not within a microsecond.
 STATE_CACHE_SECONDS = 0.5
+# Jobs whose status a worker remembers before it forgets those it has not looked at lately.
+STATUS_CACHE_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,9 @@ class BatchService:
         now = time.monotonic()
         seen, status = self._status.get(job_id, (0.0, None))
         if now - seen > STATE_CACHE_SECONDS:
+            if len(self._status) > STATUS_CACHE_SIZE:  # a long-lived worker sees many jobs
+                self._status = {job: entry for job, entry in self._status.items()
+                                if now - entry[0] <= STATE_CACHE_SECONDS}
             if seen:  # lines that find it stale meanwhile use the old value: one read, no herd
                 self._status[job_id] = (now, status)
             raw = self.jobs.redis.hget(self.jobs.key(job_id), "status")
