@@ -25,6 +25,7 @@ from tasks.eval_templates import (
 )
 from tasks.graders import (
     GRADER_TYPES,
+    JUDGE_TYPES,
     SIMILARITY_METRICS,
     STRING_CHECK_OPERATIONS,
     UNSUPPORTED_METRICS,
@@ -130,7 +131,7 @@ def check_criterion(criterion, param: str, item_schema: dict, with_sample: bool,
                     models: Container[str]) -> dict:
     _require(isinstance(criterion, dict), f"'{param}' must be an object.", param)
     kind = criterion.get("type")
-    if kind in ("python", "score_model", "multi"):
+    if kind in ("python", "multi"):
         raise DefinitionError(f"grader type {kind!r} is not supported by this gateway; use one "
                               f"of {', '.join(GRADER_TYPES)}.", f"{param}.type")
     _require(kind in GRADER_TYPES, f"unknown grader type {kind!r}; use one of "
@@ -162,11 +163,15 @@ def check_criterion(criterion, param: str, item_schema: dict, with_sample: bool,
         _require(isinstance(threshold, int | float) and not isinstance(threshold, bool)
                  and 0 <= threshold <= 1, f"'{param}.pass_threshold' must be a number from 0 "
                  "to 1.", f"{param}.pass_threshold")
-    elif kind == "label_model":
+    if kind in JUDGE_TYPES:
         model = criterion.get("model")
         _require(isinstance(model, str) and model in models,
                  f"'{param}.model': the model {model!r} is not served here.", f"{param}.model")
         check_messages(criterion.get("input"), f"{param}.input", item_schema, with_sample)
+        check_sampling(criterion.get("sampling_params"), f"{param}.sampling_params")
+    if kind == "score_model":
+        check_score_range(criterion, param)
+    elif kind == "label_model":
         labels = criterion.get("labels")
         _require(isinstance(labels, list) and labels
                  and all(isinstance(label, str) and label.strip() for label in labels)
@@ -178,8 +183,25 @@ def check_criterion(criterion, param: str, item_schema: dict, with_sample: bool,
                  and all(label in labels for label in passing),
                  f"'{param}.passing_labels' must be a non-empty list of labels from "
                  f"'{param}.labels'.", f"{param}.passing_labels")
-        check_sampling(criterion.get("sampling_params"), f"{param}.sampling_params")
     return criterion
+
+
+def check_score_range(criterion: dict, param: str) -> None:
+    """`range` (default [0, 1]): two numbers, low first; `pass_threshold` (optional) within."""
+    def number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    bounds = criterion.get("range")
+    if bounds is not None:
+        _require(isinstance(bounds, list) and len(bounds) == 2 and all(map(number, bounds))
+                 and bounds[0] < bounds[1], f"'{param}.range' must be two numbers, the lower "
+                 "first.", f"{param}.range")
+    low, high = bounds or (0, 1)
+    threshold = criterion.get("pass_threshold")
+    if threshold is not None:
+        _require(number(threshold) and low <= threshold <= high,
+                 f"'{param}.pass_threshold' must be a number within the range [{low}, {high}].",
+                 f"{param}.pass_threshold")
 
 
 def check_template(template: str, param: str, item_schema: dict, with_sample: bool,

@@ -1,13 +1,13 @@
 """Eval runs on the batch machinery: the `JobKind` that turns a run's items into graded lines.
 
-A run's items are in its items file (one `{"item", "sample"}` JSON per line, written when the
-run was prepared), so a chunk reads its lines by byte offset as a batch chunk does. A line of a
+A run's items are in its items file (one `{"item", "sample"}` JSON per line, written when the run
+was prepared), so a chunk reads its lines by byte offset as a batch chunk does. A line of a
 `completions` run carries the chat request rendered from the run's `input_messages`; the batch
-service sends it, and `finish_line` turns the answer into the sample, grades it with every
-testing criterion (a `label_model` criterion calls its judge model through the same admission
-leases) and returns the output item to store with the line's tally: pass or fail, the passes
-and fails per criterion, and the tokens per model. A `jsonl` run has no request: its items bring
-their own sample, and grading is all there is.
+service sends it, and `finish_line` turns the answer into the sample, grades it with every testing
+criterion (a `label_model` or `score_model` criterion calls its judge model through the same
+admission leases) and returns the output item to store with the line's tally: pass or fail, the
+passes and fails per criterion, and the tokens per model. A `jsonl` run has no request: its items
+bring their own sample, and grading is all there is.
 
 An item whose sample could not be made (the engine refused, a template names a field the item
 lacks) or that a grader could not grade is stored as `error`; a judge that could not be reached
@@ -24,7 +24,14 @@ from pathlib import Path
 
 from tasks.batch_service import EngineAnswer, JobStopped
 from tasks.eval_templates import TemplateError, lookup, parse_reference, render_messages
-from tasks.graders import GraderResult, grade_label, grade_text, judge_request
+from tasks.graders import (
+    JUDGE_TYPES,
+    GraderResult,
+    grade_label,
+    grade_score,
+    grade_text,
+    judge_request,
+)
 from tasks.jobstore import JobStore
 
 CHAT_URL = "/v1/chat/completions"
@@ -34,7 +41,7 @@ def run_models(job: dict) -> list[str]:
     """Every model a run's lines need: the sampled model first, then the judges."""
     models = [job["model"]] if job.get("model") else []
     for criterion in job["testing_criteria"]:
-        if criterion["type"] == "label_model" and criterion["model"] not in models:
+        if criterion["type"] in JUDGE_TYPES and criterion["model"] not in models:
             models.append(criterion["model"])
     return models
 
@@ -177,7 +184,7 @@ class EvalRunner:
 
     def _grade(self, job: dict, criterion: dict, context: dict, tally: Counter) -> GraderResult:
         try:
-            if criterion["type"] != "label_model":
+            if criterion["type"] not in JUDGE_TYPES:
                 return grade_text(criterion, context)
             request = judge_request(criterion, context)
         except TemplateError as exc:
@@ -186,7 +193,7 @@ class EvalRunner:
         answer = self.request(job, criterion["model"], CHAT_URL, request)
         if answer.status >= 400:
             message = (answer.body.get("error") or {}).get("message") or f"HTTP {answer.status}"
-            return GraderResult(criterion["name"], "label_model", 0.0, False, None,
+            return GraderResult(criterion["name"], criterion["type"], 0.0, False, None,
                                 f"the judge {criterion['model']} refused: {message}")
         judged = sample_from_answer(answer.body)
         self._count_usage(tally, criterion["model"], judged["usage"])
@@ -194,7 +201,8 @@ class EvalRunner:
                         "output": [{"role": "assistant", "content": judged["output_text"]}],
                         "model": criterion["model"], "finish_reason": judged["finish_reason"],
                         "usage": _usage(judged["usage"])}
-        return grade_label(criterion, judged["output_text"], judge_sample)
+        grade = grade_score if criterion["type"] == "score_model" else grade_label
+        return grade(criterion, judged["output_text"], judge_sample)
 
     @staticmethod
     def _count_usage(tally: Counter, model: str, usage: dict | None) -> None:

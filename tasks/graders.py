@@ -9,6 +9,8 @@
   NLTK's WordNet data) are not offered.
 - `label_model`: the two pure halves of a judge: the chat request the judge model is sent, and
   the matching of its answer to a label. The engine call between them belongs to the runner.
+- `score_model`: the same for a judge that answers a number within `range` (default 0 to 1);
+  the item passes at `pass_threshold` (default: the middle of the range).
 
 The similarity libraries are imported on first use: NLTK alone takes a second or two to import,
 which the web app, which only checks definitions, should not pay.
@@ -30,7 +32,9 @@ UNSUPPORTED_METRICS = {
     "cosine": "it needs an embedding model",
     "meteor": "it needs NLTK's WordNet data, which this gateway does not ship",
 }
-GRADER_TYPES = ("string_check", "text_similarity", "label_model")
+GRADER_TYPES = ("string_check", "text_similarity", "label_model", "score_model")
+# Graders that ask a judge model.
+JUDGE_TYPES = ("label_model", "score_model")
 # The judge answers with a label, or with {"label": ...} where the engine honours the schema;
 # this leaves room for either, and for a short reason after a bare label.
 JUDGE_MAX_TOKENS = 64
@@ -111,23 +115,36 @@ def grade_text(criterion: dict, context: dict) -> GraderResult:
 
 # -- label_model ---------------------------------------------------------------------------
 
-def judge_request(criterion: dict, context: dict) -> dict:
-    """The chat completion request a `label_model` criterion sends its judge for one item.
+def score_range(criterion: dict) -> tuple[float, float]:
+    low, high = criterion.get("range") or (0, 1)
+    return float(low), float(high)
 
-    It asks for structured output ({"label": one of the labels}), which vLLM and SGLang enforce
-    with guided decoding; an engine that ignores it still has its text matched to a label.
+
+def judge_request(criterion: dict, context: dict) -> dict:
+    """The chat completion request a `label_model` or `score_model` criterion sends its judge
+    for one item.
+
+    It asks for structured output ({"label": one of the labels} or {"score": a number in the
+    range}), which vLLM and SGLang enforce with guided decoding; an engine that ignores it still
+    has its text matched to a label, or read for a number.
     """
     params = criterion.get("sampling_params") or {}
+    if criterion["type"] == "score_model":
+        low, high = score_range(criterion)
+        field = "score"
+        value: dict = {"type": "number", "minimum": low, "maximum": high}
+    else:
+        field = "label"
+        value = {"type": "string", "enum": list(criterion["labels"])}
     body = {
         "model": criterion["model"],
         "messages": render_messages(criterion["input"], context),
         "max_tokens": params.get("max_completion_tokens") or JUDGE_MAX_TOKENS,
         "temperature": params.get("temperature", 0),
         "response_format": {"type": "json_schema", "json_schema": {
-            "name": "label", "strict": True,
-            "schema": {"type": "object", "additionalProperties": False, "required": ["label"],
-                       "properties": {"label": {"type": "string",
-                                                "enum": list(criterion["labels"])}}},
+            "name": field, "strict": True,
+            "schema": {"type": "object", "additionalProperties": False, "required": [field],
+                       "properties": {field: value}},
         }},
     }
     for name in ("top_p", "seed"):
@@ -174,3 +191,39 @@ def grade_label(criterion: dict, answer: str, judge_sample: dict | None = None) 
     passed = label is not None and label in criterion["passing_labels"]
     sample = {**(judge_sample or {}), "label": label}
     return GraderResult(criterion["name"], "label_model", 1.0 if passed else 0.0, passed, sample)
+
+
+# -- score_model ---------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def read_score(answer: str) -> float | None:
+    """The number a judge's answer gives: {"score": X} (structured output), else the first
+    number in its text; None when there is none."""
+    text = answer.strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("score"), int | float) \
+            and not isinstance(parsed.get("score"), bool):
+        return float(parsed["score"])
+    if isinstance(parsed, int | float) and not isinstance(parsed, bool):
+        return float(parsed)
+    found = _NUMBER.search(text)
+    return float(found.group()) if found else None
+
+
+def grade_score(criterion: dict, answer: str, judge_sample: dict | None = None) -> GraderResult:
+    """A `score_model` criterion, given its judge's answer: the score (held within the range)
+    passes at `pass_threshold`. A judge that gives no number fails the item with the lowest
+    score (`score` is null in the result's sample)."""
+    low, high = score_range(criterion)
+    raw = read_score(answer)
+    score = low if raw is None else min(max(raw, low), high)
+    threshold = criterion.get("pass_threshold")
+    threshold = (low + high) / 2 if threshold is None else float(threshold)
+    passed = raw is not None and score >= threshold
+    sample = {**(judge_sample or {}), "score": raw}
+    return GraderResult(criterion["name"], "score_model", score, passed, sample)

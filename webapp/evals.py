@@ -3,9 +3,9 @@
 Evals and their runs belong to the key that made them (`monitor` keys may read all). Definitions
 are checked when created (`tasks.eval_definitions`), so a bad grader, template, schema or model
 is a 400 naming the field; a run is queued at once and runs on the batch workers. Besides
-OpenAI's fields, a run may be given `priority` (0-9, in the body or `metadata.priority`), and a
-`label_model` grader `sampling_params` for its judge; output items may be filtered by `status`
-`pass`, `fail` or `error`.
+OpenAI's fields, a run may be given `priority` (0-9, in the body or `metadata.priority`), and
+`label_model` and `score_model` graders `sampling_params` for their judge; output items may be
+filtered by `status` `pass`, `fail` or `error`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from flask import Blueprint, current_app, g, request, url_for
 from tasks.eval_definitions import DefinitionError, check_metadata, parse_eval, parse_run
 from tasks.eval_service import RUN_STATUSES, run_object
 from tasks.eval_store import public_eval
+from tasks.graders import JUDGE_TYPES
 from webapp.auth import check_model_allowed, require_scope
 from webapp.batches import parse_priority
 from webapp.errors import APIError
@@ -84,7 +85,7 @@ def create_eval():
     except DefinitionError as exc:
         raise _definition_error(exc) from None
     _check_models([c["model"] for c in parsed["testing_criteria"]
-                   if c["type"] == "label_model"])
+                   if c["type"] in JUDGE_TYPES])
     return public_eval(_evals().store.create(g.api_key.name, parsed))
 
 
@@ -144,7 +145,7 @@ def create_run(eval_id: str):
     priority = parse_priority(body.get("priority", (parsed["metadata"] or {}).get("priority")))
     _check_models(([parsed["model"]] if parsed["model"] else [])
                   + [c["model"] for c in definition["testing_criteria"]
-                     if c["type"] == "label_model"])
+                     if c["type"] in JUDGE_TYPES])
     try:
         job = _evals().create_run(g.api_key.name, definition, parsed, priority)
     except DefinitionError as exc:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from runtimes.sim.config import SimConfig
+from runtimes.sim.structured import SchemaError, structured_generation
 from runtimes.sim.textgen import Generation, count_prompt_tokens, generate, render_chat_prompt
 
 _DEFAULT_MAX_TOKENS = 16
@@ -151,7 +152,12 @@ def parse_chat_request(body: dict, config: SimConfig) -> GenerationJob:
     prompt_text = render_chat_prompt(messages)
     prompt_tokens = count_prompt_tokens(prompt_text)
     _check_context(config, prompt_tokens, max_tokens)
-    generation = generate(prompt_text, max_tokens, stops)
+    try:
+        generation = structured_generation(body.get("response_format"), prompt_text, max_tokens)
+    except SchemaError as exc:
+        raise bad_request(str(exc), "response_format") from None
+    if generation is None:
+        generation = generate(prompt_text, max_tokens, stops)
     return GenerationJob("chat", [generation], prompt_tokens, stream, include_usage)
 
 

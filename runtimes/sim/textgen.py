@@ -91,14 +91,14 @@ def _token_texts(seed: int, count: int) -> tuple[str, ...]:
     return tuple(random.Random(seed).choices(_TOKEN_TEXTS, k=count))
 
 
-def _seed_for(prompt_text: str) -> int:
+def seed_for(prompt_text: str) -> int:
     digest = hashlib.sha256(prompt_text.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big")
 
 
 def generate(prompt_text: str, max_tokens: int, stop: list[str] | None = None) -> Generation:
     """Produce up to `max_tokens` tokens for `prompt_text`, ending early at a stop string."""
-    token_texts = _token_texts(_seed_for(prompt_text), max_tokens)
+    token_texts = _token_texts(seed_for(prompt_text), max_tokens)
     if stop:
         stopped = _cut_at_stop(token_texts, stop)
         if stopped is not None:

@@ -218,6 +218,37 @@ def test_chat_completion_has_openai_shape(fast_sim: SimProcess) -> None:
     assert result.usage.total_tokens == result.usage.prompt_tokens + 5
 
 
+def test_chat_follows_a_json_schema_response_format(fast_sim: SimProcess) -> None:
+    """As vLLM's guided decoding: the answer is JSON that fits the schema, the same each time."""
+    schema = {"type": "object", "required": ["label", "score", "n", "ok"], "properties": {
+        "label": {"type": "string", "enum": ["good", "bad"]},
+        "score": {"type": "number", "minimum": 1, "maximum": 10},
+        "n": {"type": "integer", "minimum": 3, "maximum": 4}, "ok": {"type": "boolean"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    client = fast_sim.client()
+    answers = [client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": f"judge {i}"}], max_tokens=64,
+        response_format=fmt) for i in range(8)]
+    values = [json.loads(a.choices[0].message.content) for a in answers]
+    for value, answer in zip(values, answers, strict=True):
+        assert value["label"] in ("good", "bad") and 1 <= value["score"] <= 10
+        assert value["n"] in (3, 4) and isinstance(value["ok"], bool)
+        assert answer.choices[0].finish_reason == "stop"
+    assert len({v["score"] for v in values}) > 1  # made up per prompt, not a constant
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "judge 0"}], max_tokens=64,
+        response_format=fmt)
+    assert json.loads(again.choices[0].message.content) == values[0]
+    short = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "judge 0"}], max_tokens=2,
+        response_format=fmt)
+    assert short.choices[0].finish_reason == "length"  # cut short, as a real engine would be
+    status, _, body = http_call("POST", f"{fast_sim.url}/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "date"}}}})
+    assert status == 400 and json.loads(body)["error"]["param"] == "response_format"
+
+
 def test_chat_default_max_tokens_prefers_max_completion_tokens(fast_sim: SimProcess) -> None:
     client = fast_sim.client()
     messages = [{"role": "user", "content": "defaults"}]

@@ -17,9 +17,11 @@ from tasks.graders import (
     JUDGE_MAX_TOKENS,
     SIMILARITY_METRICS,
     grade_label,
+    grade_score,
     grade_text,
     judge_request,
     match_label,
+    read_score,
     string_check,
     text_similarity,
 )
@@ -217,3 +219,34 @@ def test_messages_from_the_data_are_not_templates():
     assert render_messages(messages, None) == [
         {"role": "user", "content": "literal {{item.q}}"},
         {"role": "system", "content": "chat part"}]
+
+
+@pytest.mark.parametrize(("answer", "score"), [
+    ('{"score": 7.5}', 7.5), ("8", 8.0), ("I would say 6 out of 10.", 6.0),
+    ("no number here", None), ('{"score": "high"}', None),
+])
+def test_read_score(answer, score):
+    assert read_score(answer) == score
+
+
+def test_grade_score_holds_the_range_and_passes_at_the_threshold():
+    criterion = {"type": "score_model", "name": "s", "range": [1, 10], "pass_threshold": 6}
+    assert grade_score(criterion, '{"score": 7}').passed
+    low = grade_score(criterion, '{"score": 5.9}')
+    assert (low.score, low.passed) == (5.9, False)
+    high = grade_score(criterion, "42")
+    assert (high.score, high.passed, high.sample["score"]) == (10.0, True, 42.0)
+    none = grade_score(criterion, "cannot say")
+    assert (none.score, none.passed, none.sample["score"]) == (1.0, False, None)
+    # No threshold: the middle of the range.
+    assert grade_score({"name": "s", "range": [0, 1]}, "0.5").passed
+    assert not grade_score({"name": "s"}, "0.49").passed
+
+
+def test_score_judge_asks_for_a_number_in_the_range():
+    criterion = {"type": "score_model", "name": "s", "model": "m", "range": [1, 10],
+                 "input": [{"role": "user", "content": "{{item.q}}"}]}
+    body = judge_request(criterion, {"item": {"q": "how good?"}, "sample": {}})
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["score"] == {"type": "number", "minimum": 1.0, "maximum": 10.0}
+    assert body["messages"] == [{"role": "user", "content": "how good?"}]

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from runtimes.sim.textgen import VOCABULARY
+from tasks.graders import judge_request, match_label, read_score
 from tests.conftest import TOKENS, sdk, warm
 from tests.harness import wait_for
 
@@ -140,14 +141,24 @@ def test_string_check_and_text_similarity_on_a_completions_run(stack):
     assert miss.status == "fail" and miss.results[0].score == 0.0
 
 
+def _judge_answer(stack, criterion: dict, row: dict) -> str:
+    """What the judge answers this criterion for this row: the same request a run sends (the
+    sim engine follows its response_format as vLLM's guided decoding does)."""
+    body = judge_request(criterion, {"item": row["item"], "sample": row.get("sample", {})})
+    reply = sdk(stack, TOKENS["realtime"]).chat.completions.create(**body)
+    return reply.choices[0].message.content
+
+
 def test_label_model_judges_a_jsonl_file_with_its_own_samples(stack):
     warm(stack, "sim/batch")
     template = "Is '{{sample.output_text}}' a good answer to '{{item.question}}'? Label it."
     rows = [{"item": {"question": f"question {i}"}, "sample": {"output_text": f"reply {i}"}}
             for i in range(12)]
-    verdicts = [_answer(stack, "sim/batch", [{"role": "user", "content": template.replace(
-        "{{sample.output_text}}", r["sample"]["output_text"]).replace(
-        "{{item.question}}", r["item"]["question"])}], 1).strip() for r in rows]
+    judge = {"type": "label_model", "name": "judge", "model": "sim/batch",
+             "input": [{"role": "user", "content": template}], "labels": list(VOCABULARY)}
+    answers = [_judge_answer(stack, judge, r) for r in rows]
+    assert all(json.loads(a).keys() == {"label"} for a in answers)  # structured output
+    verdicts = [match_label(a, judge["labels"]) for a in answers]
     passing = sorted(set(verdicts[:3]))
     expected_pass = {i for i, v in enumerate(verdicts) if v in passing}
     assert 3 <= len(expected_pass) < 12, verdicts  # the data has both outcomes
@@ -156,11 +167,7 @@ def test_label_model_judges_a_jsonl_file_with_its_own_samples(stack):
         name="judged",
         data_source_config={"type": "custom", "item_schema": _schema("question"),
                             "include_sample_schema": True},
-        testing_criteria=[{"type": "label_model", "name": "judge", "model": "sim/batch",
-                           "input": [{"role": "user", "content": template}],
-                           "labels": list(VOCABULARY), "passing_labels": passing,
-                           # an extension: one word from the judge, so it is a label as it is
-                           "sampling_params": {"max_completion_tokens": 1}}])
+        testing_criteria=[{**judge, "passing_labels": passing}])
     file_id = _upload(stack, rows)
     run = client.evals.runs.create(created.id, data_source={
         "type": "jsonl", "source": {"type": "file_id", "id": file_id}})
@@ -176,6 +183,54 @@ def test_label_model_judges_a_jsonl_file_with_its_own_samples(stack):
     labels = {i.datasource_item_id: i.results[0].sample["label"] for i in items}
     assert labels == dict(enumerate(verdicts))
     assert items[0].results[0].sample["input"][0]["content"].startswith("Is 'reply 0'")
+
+
+def test_score_model_scores_each_item_and_passes_at_the_threshold(stack):
+    warm(stack, "sim/batch")
+    rows = [{"item": {"question": f"question {i}"}, "sample": {"output_text": f"reply {i}"}}
+            for i in range(10)]
+    judge = {"type": "score_model", "name": "grade", "model": "sim/batch",
+             "input": [{"role": "system", "content": "Score the answer from 1 to 10."},
+                       {"role": "user", "content": "{{item.question}}: {{sample.output_text}}"}],
+             "range": [1, 10], "pass_threshold": 5.5}
+    scores = [read_score(_judge_answer(stack, judge, r)) for r in rows]
+    assert all(s is not None and 1 <= s <= 10 for s in scores), scores
+    expected_pass = {i for i, score in enumerate(scores) if score >= 5.5}
+    assert 0 < len(expected_pass) < 10, scores  # the data has both outcomes
+    client = _client(stack)
+    created = client.evals.create(
+        data_source_config={"type": "custom", "item_schema": _schema("question"),
+                            "include_sample_schema": True},
+        testing_criteria=[judge])
+    assert created.testing_criteria[0].type == "score_model"
+    run = client.evals.runs.create(created.id, data_source={
+        "type": "jsonl", "source": {"type": "file_content", "content": rows}})
+    done = _wait_run(client, created.id, run.id)
+    assert done.status == "completed", done
+    counts = done.result_counts
+    assert (counts.total, counts.passed, counts.failed, counts.errored) == (
+        10, len(expected_pass), 10 - len(expected_pass), 0)
+    items = _items(client, created.id, run.id)
+    got = {i.datasource_item_id: (i.results[0].score, i.results[0].passed) for i in items}
+    assert got == {i: (pytest.approx(s), i in expected_pass) for i, s in enumerate(scores)}
+    assert done.per_model_usage[0].invocation_count == 10
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"range": [10, 1]}, "testing_criteria[0].range"),
+    ({"range": [0, "ten"]}, "testing_criteria[0].range"),
+    ({"pass_threshold": 11}, "testing_criteria[0].pass_threshold"),
+    ({"model": "no/such"}, "testing_criteria[0].model"),
+])
+def test_bad_score_model_criteria_are_400(stack, change, param):
+    criterion = {"type": "score_model", "name": "grade", "model": "sim/batch",
+                 "input": [{"role": "user", "content": "{{item.question}}"}],
+                 "range": [0, 10], **change}
+    with pytest.raises(openai.BadRequestError) as error:
+        _client(stack).evals.create(
+            data_source_config={"type": "custom", "item_schema": _schema("question")},
+            testing_criteria=[criterion])
+    assert error.value.body["param"] == param
 
 
 def test_grading_only_from_item_fields(stack):
