@@ -111,7 +111,8 @@ class JobKind(Protocol):
 
 
 def line_models(line: dict) -> list[str]:
-    """The models a line needs; the first is the one `record_line` counts it against."""
+    """The models a line needs (the first is the one its metrics count it for); it counts in
+    the queue depth of each until it is recorded."""
     return line["models"] if "models" in line else [line["body"]["model"]]
 
 

@@ -211,16 +211,11 @@ class JobStore:
 
     # -- lines ---------------------------------------------------------------------------
 
-    def record_line(self, job_id: str, line: int, models: list[str], ok: bool, payload: dict,
-                    tally: dict[str, int] | None = None) -> bool:
-        """Store a line's result once; False if the line was already recorded (or the job no
-        longer takes results). The line stops counting in the queue depth of each of `models`.
-        `tally` (counts a job kind keeps per job, e.g. an eval's passes) is added in the same
-        atomic step."""
-        return self.record_lines(job_id, [LineResult(line, models, ok, payload, tally)])[0]
-
     def record_lines(self, job_id: str, results: list[LineResult]) -> list[bool]:
-        """`record_line` for many lines in one round trip: whether each was stored."""
+        """Store each line's result once, many lines in one round trip; whether each was stored
+        (False: already recorded, or the job no longer takes results). A stored line stops
+        counting in the queue depth of each of its models; its `tally` (counts a job kind keeps
+        per job, e.g. an eval's passes) is added in the same atomic step."""
         args: list = [int(time.time())]
         for result in results:
             args += [result.line, json.dumps(result.payload), "1" if result.ok else "0",

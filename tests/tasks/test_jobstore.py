@@ -42,7 +42,7 @@ def test_many_lines_in_one_write_each_once(redis_db):
 def test_a_finalizing_job_takes_no_more_lines(redis_db):
     store = JobStore(redis_db, "t")
     job_id = _job(store, {"a": 2})
-    assert store.record_line(job_id, 1, ["a"], True, {"n": 1})
+    assert store.record_lines(job_id, [LineResult(1, ["a"], True, {"n": 1})]) == [True]
     store.transition(job_id, ("in_progress",), "finalizing")
     assert store.record_lines(job_id, [LineResult(2, ["a"], True, {"n": 2})]) == [False]
     assert store.done_lines(job_id, [1, 2]) == {1}
