@@ -38,6 +38,7 @@ from tasks.admission import AdmissionGate
 from tasks.filestore import FileStore
 from tasks.jobstore import JobStore, LineResult
 from tasks.linewriter import LineWriter
+from tasks.tenancy import DEFAULT_PROJECT
 
 log = logging.getLogger(__name__)
 
@@ -150,19 +151,21 @@ class BatchService:
 
     def create_batch(self, owner: str, input_file_id: str, endpoint: str, window: str,
                      metadata: dict | None, priority: int,
-                     allowed_models: list[str] | None = None) -> dict:
+                     allowed_models: list[str] | None = None,
+                     project: str = DEFAULT_PROJECT) -> dict:
         now = int(time.time())
         return batch_object(self.jobs.get(self.jobs.create("batch", owner, {
             "status": "validating", "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window, "metadata": metadata, "priority": priority,
             "expires_at": now + WINDOWS[window], "total": 0, "allowed_models": allowed_models,
-        })))
+        }, project)))
 
-    def create_completion(self, owner: str, endpoint: str, body: dict, priority: int) -> dict:
+    def create_completion(self, owner: str, endpoint: str, body: dict, priority: int,
+                          project: str = DEFAULT_PROJECT) -> dict:
         job_id = self.jobs.create("completion", owner, {
             "status": "queued", "endpoint": endpoint, "body": body, "model": body["model"],
             "priority": priority, "total": 1, "chunks_total": 1, "chunks": [[0, 1, 0]],
-        })
+        }, project)
         self.jobs.add_pending(job_id, {body["model"]: 1})
         job = self.jobs.get(job_id)  # as submitted: a worker may take it the moment it is sent
         self.enqueue_chunk(job_id, 0, 1, 0, priority)
@@ -516,9 +519,11 @@ class BatchService:
         outputs = {}
         for which, purpose in (("out", "batch_output"), ("err", "batch_output")):
             if self.jobs.redis.hlen(self.jobs.key(job_id, which)):
+                # The output belongs to the batch's project, like its input.
                 stored = self.files.save(job["owner"], purpose,
                                          f"{job_id}_{'output' if which == 'out' else 'error'}"
-                                         ".jsonl", self.jobs.iter_results(job_id, which))
+                                         ".jsonl", self.jobs.iter_results(job_id, which),
+                                         project=job["project"])
                 outputs[which] = stored.id
         self.jobs.update(job_id, output_file_id=outputs.get("out"),
                          error_file_id=outputs.get("err"))

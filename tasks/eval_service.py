@@ -24,6 +24,7 @@ from tasks.eval_runner import line_of, run_models
 from tasks.eval_store import EvalStore, page_ids
 from tasks.filestore import FileStore
 from tasks.jobstore import JobStore
+from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class EvalService:
 
     # -- creating a run --------------------------------------------------------------------
 
-    def create_run(self, owner: str, definition: dict, parsed: dict, priority: int) -> dict:
+    def create_run(self, owner: str, definition: dict, parsed: dict, priority: int,
+                   project: str = DEFAULT_PROJECT) -> dict:
         """A queued run of `definition` from a checked body (`eval_definitions.parse_run`).
         Inline rows (`file_content`) are checked and written now: a bad one is a 400."""
         source = parsed["data_source"]["source"]
@@ -82,7 +84,7 @@ class EvalService:
                     enumerate(rows), definition["item_schema"], "content row"))
             except SourceError as exc:
                 raise DefinitionError(exc.message, "data_source.source.content") from None
-        elif self.files.get(source["id"]) is None:
+        elif self.files.get(source["id"], project) is None:
             raise DefinitionError(f"No such file: {source['id']}", "data_source.source.id")
         run_id = self.jobs.create("eval_run", owner, {
             "status": "queued", "eval_id": definition["id"],
@@ -90,7 +92,7 @@ class EvalService:
             "data_source": parsed["data_source"], "model": parsed["model"], "priority": priority,
             "testing_criteria": definition["testing_criteria"],
             "item_schema": definition["item_schema"], "items_file": items_file, "total": 0,
-        })
+        }, project)
         self.store.add_run(definition["id"], run_id)
         job = self.jobs.get(run_id)
         self.enqueue_prepare(run_id, priority)
@@ -231,8 +233,9 @@ class EvalService:
                          reverse=order == "desc")
         if after is not None:
             cursor = line_of(run_id, after)
-            if cursor is not None:
-                numbers = [n for n in numbers if (n < cursor if order == "desc" else n > cursor)]
+            if cursor is None:
+                raise UnknownCursor(after)
+            numbers = [n for n in numbers if (n < cursor if order == "desc" else n > cursor)]
         size = SCAN_BLOCK if status in ("pass", "fail") else limit + 1
         found: list[dict] = []
         for start in range(0, len(numbers), size):

@@ -1,8 +1,10 @@
 """Files of the OpenAI Files API: content on a volume, metadata in Redis.
 
 Content is written and read as streams in blocks, never whole in memory, and a file appears only
-once completely written (temporary name, then an atomic rename). Shared by the web app and the
-workers; no Flask or Celery here.
+once completely written (temporary name, then an atomic rename). Every file belongs to a project
+(the tenant of the key that uploaded it, or of the job that wrote it); files stored before
+projects existed belong to `default`. Shared by the web app and the workers; no Flask or Celery
+here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import redis
+
+from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
 
 BLOCK = 1024 * 1024
 
@@ -33,13 +37,14 @@ class StoredFile:
     created_at: int
     filename: str
     purpose: str
-    owner: str
+    owner: str  # the key (or the job's key) that made it
     object: str = "file"
     status: str = "processed"
+    project: str = DEFAULT_PROJECT
 
     def public(self) -> dict:
         data = asdict(self)
-        del data["owner"]
+        del data["owner"], data["project"]
         return data
 
 
@@ -57,7 +62,7 @@ class FileStore:
         return self.root / file_id
 
     def save(self, owner: str, purpose: str, filename: str, chunks: Iterable[bytes],
-             max_bytes: int | None = None) -> StoredFile:
+             max_bytes: int | None = None, project: str = DEFAULT_PROJECT) -> StoredFile:
         """Write `chunks` to a new file; raise FileTooLarge (keeping nothing) past `max_bytes`."""
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         final = self.path(file_id)
@@ -74,7 +79,7 @@ class FileStore:
         finally:
             partial.unlink(missing_ok=True)
         stored = StoredFile(id=file_id, bytes=size, created_at=int(time.time()),
-                            filename=filename, purpose=purpose, owner=owner)
+                            filename=filename, purpose=purpose, owner=owner, project=project)
         pipe = self.redis.pipeline()
         pipe.set(self._meta_key(file_id), json.dumps(asdict(stored)))
         pipe.zadd(f"{self.prefix}:files", {file_id: time.time()})
@@ -82,23 +87,34 @@ class FileStore:
         return stored
 
     def save_stream(self, owner: str, purpose: str, filename: str, stream: BinaryIO,
-                    max_bytes: int | None = None) -> StoredFile:
+                    max_bytes: int | None = None,
+                    project: str = DEFAULT_PROJECT) -> StoredFile:
         return self.save(owner, purpose, filename, iter(lambda: stream.read(BLOCK), b""),
-                         max_bytes)
+                         max_bytes, project)
 
-    def get(self, file_id: str) -> StoredFile | None:
+    def get(self, file_id: str, project: str | None = None) -> StoredFile | None:
+        """The file; with `project`, only if it belongs to that project (else None, as if it
+        did not exist: another tenant's file is never revealed)."""
+        if not isinstance(file_id, str) or not file_id:
+            return None
         raw = self.redis.get(self._meta_key(file_id))
-        return StoredFile(**json.loads(raw)) if raw else None
+        if not raw:
+            return None
+        stored = StoredFile(**json.loads(raw))
+        return stored if project is None or stored.project == project else None
 
     def list(self, purpose: str | None = None, after: str | None = None,
-             limit: int = 100) -> tuple[list[StoredFile], bool]:
-        """Newest first; `after` is the id of the last file of the previous page."""
+             limit: int = 100, project: str | None = None) -> tuple[list[StoredFile], bool]:
+        """Newest first, of one project (or all); `after` is the id of the last file of the
+        previous page, and must be one of the list's (UnknownCursor otherwise)."""
         ids = [i.decode() for i in self.redis.zrevrange(f"{self.prefix}:files", 0, -1)]
-        if after is not None and after in ids:
+        if after is not None:
+            if after not in ids or self.get(after, project) is None:
+                raise UnknownCursor(after)
             ids = ids[ids.index(after) + 1:]
         files: list[StoredFile] = []
         for file_id in ids:
-            stored = self.get(file_id)
+            stored = self.get(file_id, project)
             if stored is not None and (purpose is None or stored.purpose == purpose):
                 files.append(stored)
                 if len(files) > limit:

@@ -5,6 +5,9 @@ or `err` (failure) hash, by a Lua script that refuses a line already recorded. T
 a redelivered Celery message harmless: it finds its lines done and skips them. The waiting lines
 per model (`batch_pending`) are what the autoscaler sees as batch queue depth.
 
+Every job belongs to a project (the tenant of the key that made it), and is listed per project;
+jobs stored before projects existed belong to `default` (`adopt_unprojected`).
+
 No Flask or Celery here: the web app and the workers share it.
 """
 
@@ -17,6 +20,10 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import redis
+
+from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
+
+KINDS = ("batch", "completion", "eval_run")
 
 # Statuses in which a job still takes line results. Once it is finalizing or final, a late
 # duplicate of a chunk (a redelivered message, a re-sent stalled chunk) must change nothing:
@@ -146,23 +153,54 @@ class JobStore:
 
     # -- jobs ----------------------------------------------------------------------------
 
-    def create(self, kind: str, owner: str, fields: dict) -> str:
+    def _index(self, kind: str, project: str | None = None) -> str:
+        return f"{self.prefix}:jobs:{kind}" + (f":project:{project}" if project else "")
+
+    def create(self, kind: str, owner: str, fields: dict,
+               project: str = DEFAULT_PROJECT) -> str:
+        """A new job of `kind`, made by the key `owner` of `project`; its id."""
         prefix = {"batch": "batch", "eval_run": "evalrun"}.get(kind, "bcmpl")
         job_id = f"{prefix}_{uuid.uuid4().hex[:24]}"
         now = time.time()
-        record = {"id": job_id, "kind": kind, "owner": owner, "created_at": int(now),
-                  "completed": 0, "failed": 0, **fields}
+        record = {"id": job_id, "kind": kind, "owner": owner, "project": project,
+                  "created_at": int(now), "completed": 0, "failed": 0, **fields}
         pipe = self.redis.pipeline()
         pipe.hset(self.key(job_id), mapping=_encode(record))
-        pipe.zadd(f"{self.prefix}:jobs:{kind}", {job_id: now})
-        pipe.zadd(f"{self.prefix}:jobs:{kind}:owner:{owner}", {job_id: now})
+        pipe.zadd(self._index(kind), {job_id: now})
+        pipe.zadd(self._index(kind, project), {job_id: now})
         pipe.zadd(f"{self.prefix}:jobs:open", {job_id: now})
         pipe.execute()
         return job_id
 
-    def get(self, job_id: str) -> dict | None:
+    def get(self, job_id: str, project: str | None = None) -> dict | None:
+        """The job; with `project`, only if it belongs to that project (another tenant's job
+        is as good as missing)."""
+        if not isinstance(job_id, str) or not job_id:
+            return None
         raw = self.redis.hgetall(self.key(job_id))
-        return _decode(raw) if raw else None
+        if not raw:
+            return None
+        job = _decode(raw)
+        job["project"] = job.get("project") or DEFAULT_PROJECT
+        return job if project is None or job["project"] == project else None
+
+    def adopt_unprojected(self) -> int:
+        """Give every job stored before projects existed to `default` (idempotent); how many."""
+        adopted = 0
+        for kind in KINDS:
+            scored = self.redis.zrange(self._index(kind), 0, -1, withscores=True)
+            pipe = self.redis.pipeline()
+            for job_id, _ in scored:
+                pipe.hget(self.key(job_id.decode()), "project")
+            projects = pipe.execute()
+            pipe = self.redis.pipeline()
+            for (job_id, score), project in zip(scored, projects, strict=True):
+                if project is None:
+                    pipe.hset(self.key(job_id.decode()), "project", DEFAULT_PROJECT)
+                    pipe.zadd(self._index(kind, DEFAULT_PROJECT), {job_id: score})
+                    adopted += 1
+            pipe.execute()
+        return adopted
 
     def update(self, job_id: str, **fields) -> None:
         self.redis.hset(self.key(job_id), mapping=_encode(fields))
@@ -176,14 +214,17 @@ class JobStore:
         return bool(self._transition(keys=[self.key(job_id)],
                                      args=[status, stamp, int(time.time()), *from_statuses]))
 
-    def list(self, kind: str, owner: str | None, after: str | None,
+    def list(self, kind: str, project: str | None, after: str | None,
              limit: int) -> tuple[list[dict], bool]:
-        """Newest first; `after` is the last id of the previous page."""
-        index = f"{self.prefix}:jobs:{kind}" + (f":owner:{owner}" if owner else "")
+        """Newest first, of one project (or all); `after` is the last id of the previous page
+        (UnknownCursor when it is not one of the list's)."""
+        index = self._index(kind, project)
         start = 0
         if after is not None:
             rank = self.redis.zrevrank(index, after)
-            start = rank + 1 if rank is not None else 0
+            if rank is None:
+                raise UnknownCursor(after)
+            start = rank + 1
         ids = [i.decode() for i in self.redis.zrevrange(index, start, start + limit)]
         jobs = [job for job in (self.get(i) for i in ids[:limit]) if job is not None]
         return jobs, len(ids) > limit
@@ -267,8 +308,8 @@ class JobStore:
             return
         self.close(job_id)
         pipe = self.redis.pipeline()
-        pipe.zrem(f"{self.prefix}:jobs:{job['kind']}", job_id)
-        pipe.zrem(f"{self.prefix}:jobs:{job['kind']}:owner:{job['owner']}", job_id)
+        pipe.zrem(self._index(job["kind"]), job_id)
+        pipe.zrem(self._index(job["kind"], job["project"]), job_id)
         pipe.delete(*(self.key(job_id, part) for part in
                       ("", "out", "err", "attempts", "chunks", "tally", "remaining")))
         pipe.execute()

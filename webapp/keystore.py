@@ -2,7 +2,8 @@
 
 The file (`AUTH_KEYS_FILE`) is `{"keys": [{...}, ...]}`; an entry has a `name`, either the
 `token` itself or its `sha256` (so the file need not hold secrets), `scopes`, and optionally a
-`models` allowlist, `requests_per_minute` and `max_concurrency`. Keys are looked up by the
+`project` (default `default`: the tenant whose files, jobs and evals the key shares), a `models`
+allowlist, `requests_per_minute` and `max_concurrency`. Keys are looked up by the
 sha256 of the presented token, so a token is never kept or compared in the clear.
 
 A file that is not valid JSON or has a bad entry stops start-up with a `KeysFileError` naming
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from tasks.tenancy import DEFAULT_PROJECT
+
 log = logging.getLogger(__name__)
 
 SCOPES = ("realtime", "batch", "upload", "eval", "monitor")
@@ -36,6 +39,7 @@ class KeysFileError(ValueError):
 class ApiKey:
     name: str
     scopes: frozenset[str]
+    project: str = DEFAULT_PROJECT
     models: frozenset[str] | None = None
     requests_per_minute: int | None = None
     max_concurrency: int | None = None
@@ -51,6 +55,11 @@ class _KeySchema(Schema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=128))
     token = fields.String(validate=validate.Length(min=8, max=512))
     sha256 = fields.String(validate=validate.Regexp(r"^[0-9a-f]{64}$", error="64 hex digits"))
+    project = fields.String(
+        load_default=DEFAULT_PROJECT,
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                 error="1-64 letters, digits, '.', '_' or '-'"),
+    )
     scopes = fields.List(
         fields.String(validate=validate.OneOf(SCOPES)),
         required=True,
@@ -96,6 +105,7 @@ def parse_keys(document, source: str) -> dict[str, ApiKey]:
         keys[digest] = ApiKey(
             name=entry["name"],
             scopes=frozenset(entry["scopes"]),
+            project=entry["project"],
             models=frozenset(entry["models"]) if entry["models"] is not None else None,
             requests_per_minute=entry["requests_per_minute"],
             max_concurrency=entry["max_concurrency"],
