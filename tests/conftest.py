@@ -29,6 +29,9 @@ TOKENS = {
     "conc": "test-concurrency-token",
     "batch2": "test-second-batch-token",
 }
+# Keys of a second project ("other"), one per scope: they must never see project default's data.
+OTHER_TOKENS = {scope: f"other-project-{scope}-token"
+                for scope in ("realtime", "batch", "upload", "eval", "monitor")}
 
 
 def keys_document() -> dict:
@@ -47,6 +50,8 @@ def keys_document() -> dict:
          "max_concurrency": 1},
         {"name": "test-batch2", "token": TOKENS["batch2"], "scopes": ["batch"]},
     ]
+    keys += [{"name": f"other-{scope}", "token": token, "scopes": [scope], "project": "other"}
+             for scope, token in OTHER_TOKENS.items()]
     return {"keys": keys}
 
 
@@ -113,6 +118,7 @@ def stack(tmp_path_factory, redis_server, keys_file):
         # killed, recovery does not wait for the broker to give its messages back.
         BATCH_STALL_SECONDS="10",
         MAX_REQUEST_BYTES=str(256 * 1024),
+        BATCH_MAX_FILE_BYTES=str(16 * 1024 * 1024),
     )
     try:
         stack.start()

@@ -106,18 +106,33 @@ def register_batch_services(app: Flask, settings: Settings, client, control, rou
     # Eval runs are batch work of their own kind: the same chunks, leases, retries and sweep.
     items_dir = settings.files_dir / "evals"
     batches.kinds["eval_run"] = EvalRunner(jobs, items_dir, batches.request)
-    evals = EvalService(EvalStore(client), jobs, files, items_dir, batches.limits,
+    eval_store = EvalStore(client)
+    evals = EvalService(eval_store, jobs, files, items_dir, batches.limits,
                         enqueue_prepare, enqueue_chunk)
+    adopt_unprojected(client, jobs, eval_store)
     batches.preparers.update(batch=enqueue_validate,
                              eval_run=lambda run_id: enqueue_prepare(run_id, 0))
     app.extensions.update(files=files, jobs=jobs, batches=batches, evals=evals)
 
 
+def adopt_unprojected(client, jobs: JobStore, evals: EvalStore) -> None:
+    """Jobs and evals stored before projects existed belong to `default` (files need nothing:
+    one without a project reads as `default`). Idempotent, so every process may run it; the
+    mark is set only once it is done."""
+    mark = f"{jobs.prefix}:migrated:projects"
+    if client.exists(mark):
+        return
+    adopted = jobs.adopt_unprojected() + evals.adopt_unprojected()
+    client.set(mark, "1")
+    if adopted:
+        logging.getLogger(__name__).info("gave %d jobs and evals to project 'default'", adopted)
+
+
 def register_blueprints(app: Flask) -> None:
     # Imported here, not at the top: the views import this package's extensions at call time.
-    from webapp import batch, batches, dashboard, evals, files, health, models, realtime
+    from webapp import batch, batches, dashboard, docs, evals, files, health, models, realtime
 
-    for module in (health, realtime, batch, files, batches, evals, dashboard, models):
+    for module in (health, docs, realtime, batch, files, batches, evals, dashboard, models):
         app.register_blueprint(module.bp)
 
 

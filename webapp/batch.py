@@ -3,17 +3,19 @@
 One completion (a completions body, or a chat body with `messages`) plus `priority` (0-9, larger
 runs sooner, default 0), run by the batch workers in priority order when GPU time allows.
 `POST` answers 202 with the job's `status_url`; `GET` that URL for the status and, once done,
-the engine's completion object; `POST .../cancel` cancels it if it has not finished.
+the engine's completion object; `POST .../cancel` cancels it if it has not finished. A job
+belongs to the project of the key that made it (404 to any other).
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request, url_for
+from flask import Blueprint, current_app, g, url_for
 
+from webapp.apidoc import accepts, documented
+from webapp.arguments import BatchCompletionCreate
 from webapp.auth import check_model_allowed, require_scope
-from webapp.batches import owned_job, parse_priority
+from webapp.batches import cancellable, owned_job
 from webapp.errors import APIError
-from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
 
 bp = Blueprint("batch", __name__)
 
@@ -37,34 +39,32 @@ def job_view(job: dict) -> dict:
 
 @bp.post("/v1/batch/completions")
 @require_scope("batch")
-def submit():
-    body = parse_json_object(request.get_data(cache=False))
-    priority = parse_priority(body.pop("priority", None))
-    is_chat = "messages" in body
-    validate_body(CHAT_COMPLETION if is_chat else COMPLETION, body)
-    if body.get("stream"):
-        raise APIError(400, "A batch completion cannot stream.", code="invalid_value",
-                       param="stream")
+@accepts(BatchCompletionCreate(), summary="Queue one completion (or chat) with a priority",
+         responses={202: "Queued: the job, with its status_url."})
+def submit(body: dict):
+    priority = body.pop("priority")
     model = body["model"]
     if model not in current_app.extensions["catalog"]:
         raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
                        param="model")
     check_model_allowed(g.api_key, model)
-    endpoint = "/v1/chat/completions" if is_chat else "/v1/completions"
+    endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     job = current_app.extensions["batches"].create_completion(
-        g.api_key.name, endpoint, body, priority
+        g.api_key.name, endpoint, body, priority, g.api_key.project
     )
     return job_view(job), 202, {"Location": url_for("batch.status", job_id=job["id"])}
 
 
 @bp.get("/v1/batch/completions/<job_id>")
 @require_scope("batch", "monitor")
+@documented("A batch completion's status and, once done, its result")
 def status(job_id: str):
     return job_view(owned_job(job_id, "completion"))
 
 
 @bp.post("/v1/batch/completions/<job_id>/cancel")
 @require_scope("batch")
+@documented("Cancel a batch completion (409 once it has finished)")
 def cancel(job_id: str):
-    owned_job(job_id, "completion")
+    cancellable(owned_job(job_id, "completion"), "batch completion")
     return job_view(current_app.extensions["batches"].cancel(job_id))

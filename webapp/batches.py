@@ -1,79 +1,61 @@
 """The OpenAI Batches API (`/v1/batches`, scope `batch`), so the official SDK works unchanged.
 
-A batch is visible to the key that made it, and to `monitor` keys. Besides OpenAI's fields, a
-create call may give `priority` (0-9, larger runs sooner; default 0), in the body or in
-`metadata.priority`.
+A batch belongs to the project of the key that made it: keys of that project with `batch` (or
+`monitor`, to read) see it; to another project it does not exist (404). Besides OpenAI's
+fields, a create call may give `priority` (0-9, larger runs sooner; default 0), in the body or
+in `metadata.priority`.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, g
 
 from tasks.batch import enqueue_validate
-from tasks.batch_service import ENDPOINTS, WINDOWS, batch_object
+from tasks.batch_service import batch_object
+from tasks.tenancy import UnknownCursor
+from webapp.apidoc import PageQuery, accepts, documented
+from webapp.arguments import BatchCreate
 from webapp.auth import require_scope
 from webapp.errors import APIError
-from webapp.paging import page, page_args
-from webapp.schemas import parse_json_object
+from webapp.paging import page, unknown_cursor
 
 bp = Blueprint("batches", __name__)
 
-
-def parse_priority(value) -> int:
-    if value is None:
-        return 0
-    try:
-        priority = int(value)
-    except (TypeError, ValueError):
-        priority = -1
-    if isinstance(value, bool) or not 0 <= priority <= 9 or str(priority) != str(value).strip():
-        raise APIError(400, "'priority' must be an integer from 0 to 9.", code="invalid_value",
-                       param="priority")
-    return priority
+# Final states a cancel cannot undo (a cancelled job is cancelled again harmlessly).
+DONE_STATUSES = ("completed", "failed", "expired", "succeeded")
 
 
 def owned_job(job_id: str, kind: str) -> dict:
-    """The job if this key may see it (its own, or any with `monitor`); else 404."""
-    job = current_app.extensions["jobs"].get(job_id)
-    key = g.api_key
-    if job is None or job["kind"] != kind or (job["owner"] != key.name
-                                               and "monitor" not in key.scopes):
+    """The job if it is of `kind` and of this key's project; else 404 (never 403: another
+    project's job is not revealed)."""
+    job = current_app.extensions["jobs"].get(job_id, g.api_key.project)
+    if job is None or job["kind"] != kind:
         raise APIError(404, f"No such {kind}: {job_id}", code=f"{kind}_not_found")
     return job
 
 
+def cancellable(job: dict, what: str) -> None:
+    """409 for a job that has already finished: there is nothing left to cancel."""
+    if job["status"] in DONE_STATUSES:
+        raise APIError(409, f"The {what} is already {job['status']}; it cannot be cancelled.",
+                       code="not_cancellable")
+
+
 @bp.post("/v1/batches")
 @require_scope("batch")
-def create():
-    body = parse_json_object(request.get_data(cache=False))
-    endpoint = body.get("endpoint")
-    if endpoint not in ENDPOINTS:
-        raise APIError(400, f"'endpoint' must be one of {', '.join(ENDPOINTS)}.",
-                       code="invalid_value", param="endpoint")
-    window = body.get("completion_window")
-    if window not in WINDOWS:
-        raise APIError(400, f"'completion_window' must be one of {', '.join(WINDOWS)}.",
-                       code="invalid_value", param="completion_window")
-    metadata = body.get("metadata")
-    if metadata is not None and not (
-        isinstance(metadata, dict) and len(metadata) <= 16
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    ):
-        raise APIError(400, "'metadata' must be an object of at most 16 string values.",
-                       code="invalid_value", param="metadata")
-    priority = parse_priority(body.get("priority", (metadata or {}).get("priority")))
-    file_id = body.get("input_file_id")
-    stored = current_app.extensions["files"].get(file_id) if isinstance(file_id, str) else None
+@accepts(BatchCreate(), summary="Create a batch from an uploaded JSONL file")
+def create(body: dict):
+    key = g.api_key
+    stored = current_app.extensions["files"].get(body["input_file_id"], key.project)
     if stored is None:
-        raise APIError(400, f"No such file: {file_id}", code="file_not_found",
+        raise APIError(400, f"No such file: {body['input_file_id']}", code="file_not_found",
                        param="input_file_id")
     if stored.purpose != "batch":
         raise APIError(400, "The input file's purpose must be 'batch'.", code="invalid_value",
                        param="input_file_id")
-    key = g.api_key
     batch = current_app.extensions["batches"].create_batch(
-        key.name, stored.id, endpoint, window, metadata, priority,
-        sorted(key.models) if key.models is not None else None,
+        key.name, stored.id, body["endpoint"], body["completion_window"], body.get("metadata"),
+        body["priority"], sorted(key.models) if key.models is not None else None, key.project,
     )
     enqueue_validate(batch["id"])
     return batch
@@ -81,22 +63,26 @@ def create():
 
 @bp.get("/v1/batches/<batch_id>")
 @require_scope("batch", "monitor")
+@documented("A batch")
 def retrieve(batch_id: str):
     return batch_object(owned_job(batch_id, "batch"))
 
 
 @bp.get("/v1/batches")
 @require_scope("batch", "monitor")
-def list_batches():
-    after, limit = page_args()
-    key = g.api_key
-    owner = None if "monitor" in key.scopes else key.name
-    jobs, has_more = current_app.extensions["jobs"].list("batch", owner, after, limit)
+@accepts(query=PageQuery(), summary="List this project's batches, newest first")
+def list_batches(args: dict):
+    try:
+        jobs, has_more = current_app.extensions["jobs"].list(
+            "batch", g.api_key.project, args.get("after"), args["limit"])
+    except UnknownCursor:
+        raise unknown_cursor() from None
     return page([batch_object(job) for job in jobs], has_more)
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 @require_scope("batch")
+@documented("Cancel a batch (409 once it has finished)")
 def cancel(batch_id: str):
-    owned_job(batch_id, "batch")
+    cancellable(owned_job(batch_id, "batch"), "batch")
     return batch_object(current_app.extensions["batches"].cancel(batch_id))

@@ -90,6 +90,13 @@ def await_runtime(spec: ModelSpec) -> RuntimeRecord:
                                       weights.scale_cold_estimate)
     download = math.ceil(weights.download_wait_seconds(spec))
     seconds = retry_after_seconds(records, estimate, time.time()) + download
+    if not download and any(r.state == SLEEPING for r in records) and not any(
+            r.state == STARTING for r in records):
+        # An asleep engine is being woken (seconds, not a cold start's minutes): say so.
+        raise APIError(
+            503, f"The model '{spec.id}' is waking up; retry in about {seconds} s.",
+            type="server_error", code="model_waking", headers={"Retry-After": str(seconds)},
+        )
     raise APIError(
         503,
         f"The model '{spec.id}' is starting{' (downloading its weights)' if download else ''}; "

@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, current_app, g, render_template, request
+from flask import Blueprint, current_app, g, render_template
 
 from webapp import overview
+from webapp.apidoc import accepts, documented
+from webapp.arguments import SeriesQuery
 from webapp.auth import require_scope
 from webapp.errors import APIError
 
@@ -40,10 +42,10 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
-MAX_SERIES_MINUTES = 120
 
 
 @bp.get("/dashboard")
+@documented("The operator's page (public; its data needs `monitor`)", content_type="text/html")
 def page():
     settings = current_app.extensions["settings"]
     html = render_template("dashboard.html", flower_url=settings.flower_url or "",
@@ -53,25 +55,21 @@ def page():
 
 @bp.get("/ui/api/overview")
 @require_scope("monitor", allow_query_key=True)
+@documented("Runtimes, GPUs, queues, jobs, downloads and decisions (status and counts)")
 def overview_data():
     return overview.overview(current_app.extensions)
 
 
 @bp.get("/ui/api/series")
 @require_scope("monitor", allow_query_key=True)
-def series_data():
-    try:
-        minutes = int(request.args.get("minutes", "60"))
-    except ValueError:
-        minutes = -1
-    if not 1 <= minutes <= MAX_SERIES_MINUTES:
-        raise APIError(400, f"'minutes' must be an integer from 1 to {MAX_SERIES_MINUTES}.",
-                       code="invalid_value", param="minutes")
-    return current_app.extensions["series"].read(minutes * 60)
+@accepts(query=SeriesQuery(), summary="The charts' time series, 10-second buckets")
+def series_data(args: dict):
+    return current_app.extensions["series"].read(args["minutes"] * 60)
 
 
 @bp.post("/ui/api/models/<path:model>/reset")
 @require_scope("monitor", allow_query_key=True)
+@documented("Clear a model marked failed, so it may be started again")
 def reset_model(model: str):
     ext = current_app.extensions
     if model not in ext["catalog"]:

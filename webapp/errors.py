@@ -75,7 +75,8 @@ def register_error_handlers(app: Flask) -> None:
         type_, code = _HTTP_DEFAULTS.get(status, ("invalid_request_error", "http_error"))
         message = error.description or error.name
         if status == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH")
+            # The limit of this request (a route such as file upload may lift the app's).
+            limit = request.max_content_length
             message = f"Request body is larger than the limit of {limit} bytes."
         elif status == 404:
             message = f"Unknown path: {request.method} {request.path}"

@@ -1,6 +1,7 @@
 """The OpenAI Evals API (`/v1/evals`, scope `eval`), so the official SDK's `client.evals` works.
 
-Evals and their runs belong to the key that made them (`monitor` keys may read all). Definitions
+Evals and their runs belong to the project of the key that made them: keys of that project with
+`eval` (or `monitor`, to read) see them, and to another project they do not exist (404). Definitions
 are checked when created (`tasks.eval_definitions`), so a bad grader, template, schema or model
 is a 400 naming the field; a run is queued at once and runs on the batch workers. Besides
 OpenAI's fields, a run may be given `priority` (0-9, in the body or `metadata.priority`), and
@@ -10,17 +11,19 @@ filtered by `status` `pass`, `fail` or `error`.
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request, url_for
+from flask import Blueprint, current_app, g, url_for
 
-from tasks.eval_definitions import DefinitionError, check_metadata, parse_eval, parse_run
-from tasks.eval_service import RUN_STATUSES, run_object
+from tasks.eval_definitions import DefinitionError, parse_eval, parse_run
+from tasks.eval_service import run_object
 from tasks.eval_store import public_eval
 from tasks.graders import JUDGE_TYPES
+from tasks.tenancy import UnknownCursor
+from webapp.apidoc import accepts, documented
+from webapp.arguments import EvalCreate, EvalUpdate, OrderedPage, OutputItemList, RunCreate, RunList
 from webapp.auth import check_model_allowed, require_scope
-from webapp.batches import parse_priority
+from webapp.batches import cancellable
 from webapp.errors import APIError
-from webapp.paging import page, page_args
-from webapp.schemas import parse_json_object
+from webapp.paging import page, unknown_cursor
 
 bp = Blueprint("evals", __name__)
 
@@ -31,33 +34,20 @@ def _evals():
     return current_app.extensions["evals"]
 
 
-def _order() -> str:
-    order = request.args.get("order", "asc")
-    if order not in ("asc", "desc"):
-        raise APIError(400, "'order' must be 'asc' or 'desc'.", code="invalid_value",
-                       param="order")
-    return order
-
-
 def _definition_error(exc: DefinitionError) -> APIError:
     return APIError(400, exc.message, code="invalid_value", param=exc.param)
 
 
-def _body() -> dict:
-    return parse_json_object(request.get_data(cache=False))
-
-
 def _owned_eval(eval_id: str) -> dict:
-    record = _evals().store.get(eval_id)
-    key = g.api_key
-    if record is None or (record["owner"] != key.name and "monitor" not in key.scopes):
+    record = _evals().store.get(eval_id, g.api_key.project)
+    if record is None:
         raise APIError(404, f"No such eval: {eval_id}", code="eval_not_found", param="eval_id")
     return record
 
 
 def _owned_run(eval_id: str, run_id: str) -> dict:
     _owned_eval(eval_id)
-    job = current_app.extensions["jobs"].get(run_id)
+    job = current_app.extensions["jobs"].get(run_id, g.api_key.project)
     if job is None or job.get("kind") != "eval_run" or job.get("eval_id") != eval_id:
         raise APIError(404, f"No such run: {run_id}", code="run_not_found", param="run_id")
     return job
@@ -79,52 +69,47 @@ def _check_models(models: list[str]) -> None:
 
 @bp.post("/v1/evals")
 @require_scope("eval")
-def create_eval():
+@accepts(EvalCreate(), summary="Define an eval")
+def create_eval(body: dict):
     try:
-        parsed = parse_eval(_body(), current_app.extensions["catalog"])
+        parsed = parse_eval(body, current_app.extensions["catalog"])
     except DefinitionError as exc:
         raise _definition_error(exc) from None
     _check_models([c["model"] for c in parsed["testing_criteria"]
                    if c["type"] in JUDGE_TYPES])
-    return public_eval(_evals().store.create(g.api_key.name, parsed))
+    return public_eval(_evals().store.create(g.api_key.name, parsed, g.api_key.project))
 
 
 @bp.get("/v1/evals/<eval_id>")
 @require_scope(*READERS)
+@documented("An eval")
 def retrieve_eval(eval_id: str):
     return public_eval(_owned_eval(eval_id))
 
 
 @bp.post("/v1/evals/<eval_id>")
 @require_scope("eval")
-def update_eval(eval_id: str):
+@accepts(EvalUpdate(), summary="Rename an eval or change its metadata")
+def update_eval(eval_id: str, body: dict):
     _owned_eval(eval_id)
-    body = _body()
-    changes = {}
-    if "name" in body:
-        if not isinstance(body["name"], str):
-            raise APIError(400, "'name' must be a string.", code="invalid_value", param="name")
-        changes["name"] = body["name"]
-    if "metadata" in body:
-        try:
-            changes["metadata"] = check_metadata(body["metadata"])
-        except DefinitionError as exc:
-            raise _definition_error(exc) from None
-    return public_eval(_evals().store.update(eval_id, **changes))
+    return public_eval(_evals().store.update(eval_id, **body))
 
 
 @bp.get("/v1/evals")
 @require_scope(*READERS)
-def list_evals():
-    after, limit = page_args()
-    key = g.api_key
-    owner = None if "monitor" in key.scopes else key.name
-    records, has_more = _evals().store.list(owner, after, limit, _order())
+@accepts(query=OrderedPage(), summary="List this project's evals")
+def list_evals(args: dict):
+    try:
+        records, has_more = _evals().store.list(g.api_key.project, args.get("after"),
+                                                args["limit"], args["order"])
+    except UnknownCursor:
+        raise unknown_cursor() from None
     return page([public_eval(r) for r in records], has_more)
 
 
 @bp.delete("/v1/evals/<eval_id>")
 @require_scope("eval")
+@documented("Delete an eval and its runs")
 def delete_eval(eval_id: str):
     _owned_eval(eval_id)
     _evals().delete_eval(eval_id)
@@ -135,19 +120,19 @@ def delete_eval(eval_id: str):
 
 @bp.post("/v1/evals/<eval_id>/runs")
 @require_scope("eval")
-def create_run(eval_id: str):
+@accepts(RunCreate(), summary="Run an eval")
+def create_run(eval_id: str, body: dict):
     definition = _owned_eval(eval_id)
-    body = _body()
     try:
         parsed = parse_run(body, definition, current_app.extensions["catalog"])
     except DefinitionError as exc:
         raise _definition_error(exc) from None
-    priority = parse_priority(body.get("priority", (parsed["metadata"] or {}).get("priority")))
     _check_models(([parsed["model"]] if parsed["model"] else [])
                   + [c["model"] for c in definition["testing_criteria"]
                      if c["type"] in JUDGE_TYPES])
     try:
-        job = _evals().create_run(g.api_key.name, definition, parsed, priority)
+        job = _evals().create_run(g.api_key.name, definition, parsed, body["priority"],
+                                  g.api_key.project)
     except DefinitionError as exc:
         raise _definition_error(exc) from None
     return _run_view(job)
@@ -155,32 +140,35 @@ def create_run(eval_id: str):
 
 @bp.get("/v1/evals/<eval_id>/runs")
 @require_scope(*READERS)
-def list_runs(eval_id: str):
+@accepts(query=RunList(), summary="List an eval's runs")
+def list_runs(eval_id: str, args: dict):
     _owned_eval(eval_id)
-    after, limit = page_args()
-    status = request.args.get("status")
-    if status is not None and status not in RUN_STATUSES:
-        raise APIError(400, f"'status' must be one of {', '.join(RUN_STATUSES)}.",
-                       code="invalid_value", param="status")
-    jobs, has_more = _evals().list_runs(eval_id, after, limit, _order(), status)
+    try:
+        jobs, has_more = _evals().list_runs(eval_id, args.get("after"), args["limit"],
+                                            args["order"], args.get("status"))
+    except UnknownCursor:
+        raise unknown_cursor() from None
     return page([_run_view(job) for job in jobs], has_more)
 
 
 @bp.get("/v1/evals/<eval_id>/runs/<run_id>")
 @require_scope(*READERS)
+@documented("An eval run")
 def retrieve_run(eval_id: str, run_id: str):
     return _run_view(_owned_run(eval_id, run_id))
 
 
 @bp.post("/v1/evals/<eval_id>/runs/<run_id>/cancel")
 @require_scope("eval")
+@documented("Cancel an eval run (409 once it has finished)")
 def cancel_run(eval_id: str, run_id: str):
-    _owned_run(eval_id, run_id)
+    cancellable(_owned_run(eval_id, run_id), "run")
     return _run_view(_evals().cancel_run(run_id))
 
 
 @bp.delete("/v1/evals/<eval_id>/runs/<run_id>")
 @require_scope("eval")
+@documented("Delete an eval run")
 def delete_run(eval_id: str, run_id: str):
     _owned_run(eval_id, run_id)
     _evals().delete_run(run_id)
@@ -191,19 +179,20 @@ def delete_run(eval_id: str, run_id: str):
 
 @bp.get("/v1/evals/<eval_id>/runs/<run_id>/output_items")
 @require_scope(*READERS)
-def list_output_items(eval_id: str, run_id: str):
+@accepts(query=OutputItemList(), summary="A run's graded items")
+def list_output_items(eval_id: str, run_id: str, args: dict):
     _owned_run(eval_id, run_id)
-    after, limit = page_args()
-    status = request.args.get("status")
-    if status is not None and status not in ("pass", "fail", "error"):
-        raise APIError(400, "'status' must be 'pass', 'fail' or 'error'.", code="invalid_value",
-                       param="status")
-    items, has_more = _evals().output_items(run_id, status, after, limit, _order())
+    try:
+        items, has_more = _evals().output_items(run_id, args.get("status"), args.get("after"),
+                                                args["limit"], args["order"])
+    except UnknownCursor:
+        raise unknown_cursor() from None
     return page(items, has_more)
 
 
 @bp.get("/v1/evals/<eval_id>/runs/<run_id>/output_items/<item_id>")
 @require_scope(*READERS)
+@documented("One graded item")
 def retrieve_output_item(eval_id: str, run_id: str, item_id: str):
     _owned_run(eval_id, run_id)
     item = _evals().output_item(run_id, item_id)

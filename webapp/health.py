@@ -5,10 +5,14 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, current_app
 
+from webapp.apidoc import documented
+
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@documented("Is this web worker up, and can it reach Redis",
+            responses={503: "Redis is unreachable."})
 def healthz():
     try:
         current_app.extensions["redis"].ping()

@@ -30,6 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 from webapp import overview
+from webapp.apidoc import documented
 from webapp.auth import require_scope
 from webapp.timeseries import SeriesRecorder
 
@@ -263,6 +264,7 @@ bp = Blueprint("metrics", __name__)
 
 @bp.get("/metrics")
 @require_scope("monitor")
+@documented("Prometheus metrics", content_type="text/plain")
 def metrics():
     return Response(scrape(current_app.extensions), content_type=CONTENT_TYPE_LATEST)
 

@@ -21,6 +21,7 @@ from runtimes.catalog import ModelSpec
 from runtimes.storage import StorageError, free_bytes, hub_dir
 from runtimes.weights import ModelWeights, NotCached, WeightsInUse
 from tasks.downloads import enqueue_prime
+from webapp.apidoc import documented
 from webapp.auth import check_model_allowed, require_scope
 from webapp.errors import APIError
 
@@ -65,6 +66,8 @@ def _download_view(spec: ModelSpec, state: dict) -> dict:
 
 @bp.post("/v1/models/<path:model>/download")
 @require_scope("upload")
+@documented("Fetch a model's weights into the shared cache",
+            responses={202: "Asked for: the download, with its status_url."})
 def download(model: str):
     spec = _spec(model)
     state, _ = _weights().ask_download(spec)
@@ -74,6 +77,7 @@ def download(model: str):
 
 @bp.get("/v1/models/<path:model>/download")
 @require_scope("upload", "monitor")
+@documented("A download's progress")
 def download_status(model: str):
     spec = _spec(model)
     state = _weights().download_state(spec)
@@ -85,6 +89,7 @@ def download_status(model: str):
 
 @bp.get("/v1/models/cache")
 @require_scope("upload", "monitor")
+@documented("The cached repos, their size and residency")
 def list_cache():
     weights = _weights()
     return {"object": "list", "data": weights.cached(),
@@ -93,6 +98,7 @@ def list_cache():
 
 @bp.delete("/v1/models/cache/<path:model>")
 @require_scope("upload")
+@documented("Remove a model from the cache (409 while in use)")
 def delete_cached(model: str):
     spec = current_app.extensions["catalog"].get(model)
     if spec is not None:
@@ -116,6 +122,8 @@ def _prime_view(spec: ModelSpec, state: dict) -> dict:
 
 @bp.post("/v1/models/<path:model>/prime")
 @require_scope("upload")
+@documented("Read a model's weights into the page cache",
+            responses={202: "Asked for: the priming, with its status_url."})
 def prime(model: str):
     spec = _spec(model)
     try:
@@ -128,6 +136,7 @@ def prime(model: str):
 
 @bp.get("/v1/models/<path:model>/prime")
 @require_scope("upload", "monitor")
+@documented("A priming's report")
 def prime_status(model: str):
     spec = _spec(model)
     state = _weights().prime_state(spec)

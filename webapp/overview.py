@@ -192,7 +192,8 @@ def _job(job: dict) -> dict:
     done = (job.get("completed") or 0) + (job.get("failed") or 0)
     return {
         "id": job["id"], "kind": job["kind"], "status": job.get("status"),
-        "owner": job.get("owner"), "priority": job.get("priority") or 0,
+        "owner": job.get("owner"), "project": job.get("project"),
+        "priority": job.get("priority") or 0,
         "model": job.get("model"), "endpoint": job.get("endpoint"),
         "created_at": job.get("created_at"),
         "total": total, "completed": job.get("completed") or 0, "failed": job.get("failed") or 0,

@@ -1,23 +1,17 @@
-"""OpenAI-style list paging (`after`, `limit`) shared by the list endpoints."""
+"""OpenAI-style list pages (`object: list`, `data`, `first_id`, `last_id`, `has_more`).
+
+The paging arguments themselves (`after`, `limit`) are checked by `webapp.apidoc.PageQuery`.
+"""
 
 from __future__ import annotations
-
-from flask import request
 
 from webapp.errors import APIError
 
 
-def page_args(default: int = 20, maximum: int = 100) -> tuple[str | None, int]:
-    raw = request.args.get("limit", str(default))
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise APIError(400, "'limit' must be an integer.", code="invalid_value",
-                       param="limit") from None
-    if not 1 <= limit <= maximum:
-        raise APIError(400, f"'limit' must be between 1 and {maximum}.", code="invalid_value",
-                       param="limit")
-    return request.args.get("after") or None, limit
+def unknown_cursor() -> APIError:
+    """The answer to an `after` that is not an id of the list (so no page silently restarts)."""
+    return APIError(400, "'after' is not the id of an item of this list.", code="invalid_value",
+                    param="after")
 
 
 def page(data: list[dict], has_more: bool) -> dict:

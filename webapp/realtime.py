@@ -1,4 +1,5 @@
-"""The realtime API: `/v1/completions`, `/v1/chat/completions` (plain and streamed), `/v1/models`.
+"""The realtime API: `/v1/completions`, `/v1/chat/completions` (plain and streamed), `/v1/models`
+and `/v1/models/{id}`.
 
 A call is checked (key, scope, model, body), routed to a ready instance of its model and
 forwarded as sent; a model with no ready instance goes through `coldstart`. This is the hot path:
@@ -13,11 +14,13 @@ from runtimes.catalog import ModelSpec
 from runtimes.registry import READY
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 from webapp import coldstart
+from webapp.apidoc import accepts, documented
 from webapp.auth import admit, check_model_allowed, require_scope
 from webapp.errors import APIError
+from webapp.jsonbody import parse_json_object, read_request_body
 from webapp.metrics import StreamTimer
 from webapp.relay import engine_failure, normalise_engine_error, read_body, relay_stream
-from webapp.schemas import CHAT_COMPLETION, COMPLETION, parse_json_object, validate_body
+from webapp.schemas import CHAT_COMPLETION, COMPLETION, validate_body
 
 bp = Blueprint("realtime", __name__)
 
@@ -33,7 +36,7 @@ def _model_spec(model: str) -> ModelSpec:
 
 def _forward(schema, path: str):
     ext = current_app.extensions
-    raw = request.get_data(cache=False)
+    raw = read_request_body()
     body = parse_json_object(raw)
     validate_body(schema, body)
     spec = _model_spec(body["model"])
@@ -120,39 +123,54 @@ def _send(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: 
 
 @bp.post("/v1/completions")
 @require_scope("realtime")
+@accepts(raw_body=COMPLETION, summary="A completion, relayed to the model's engine as sent",
+         responses={503: "The model is starting or waking (Retry-After)."})
 def completions():
     return _forward(COMPLETION, "/v1/completions")
 
 
 @bp.post("/v1/chat/completions")
 @require_scope("realtime")
+@accepts(raw_body=CHAT_COMPLETION, summary="A chat completion, relayed to the model's engine",
+         responses={503: "The model is starting or waking (Retry-After)."})
 def chat_completions():
     return _forward(CHAT_COMPLETION, "/v1/chat/completions")
 
 
-@bp.get("/v1/models")
-@require_scope("realtime")
-def list_models():
-    ext = current_app.extensions
+def _states() -> dict[str, str]:
+    """Each model's most useful state among its instances: ready beats starting, etc."""
+    rank = ("failed", "stopping", "draining", "sleeping", "starting", "ready")
     states: dict[str, str] = {}
-    for record in ext["registry"].all():
-        # Report the most useful state among a model's instances: ready beats starting, etc.
-        rank = ("failed", "stopping", "draining", "sleeping", "starting", "ready")
+    for record in current_app.extensions["registry"].all():
         if rank.index(record.state) > rank.index(states.get(record.model, "failed")):
             states[record.model] = record.state
         else:
             states.setdefault(record.model, record.state)
+    return states
+
+
+def _model_object(spec: ModelSpec, states: dict[str, str]) -> dict:
+    return {"id": spec.id, "object": "model", "created": 0, "owned_by": "llm-gateway",
+            "engine": spec.engine, "state": states.get(spec.id, "stopped")}
+
+
+@bp.get("/v1/models")
+@require_scope("realtime")
+@documented("The catalog's models this key may use, with their state")
+def list_models():
     key = g.api_key
-    data = [
-        {
-            "id": spec.id,
-            "object": "model",
-            "created": 0,
-            "owned_by": "llm-gateway",
-            "engine": spec.engine,
-            "state": states.get(spec.id, "stopped"),
-        }
-        for spec in ext["catalog"]
-        if key.allows_model(spec.id)
-    ]
+    states = _states()
+    data = [_model_object(spec, states) for spec in current_app.extensions["catalog"]
+            if key.allows_model(spec.id)]
     return {"object": "list", "data": data}
+
+
+@bp.get("/v1/models/<path:model_id>")
+@require_scope("realtime")
+@documented("One model (ids hold slashes: /v1/models/org/name)")
+def retrieve_model(model_id: str):
+    spec = current_app.extensions["catalog"].get(model_id)
+    if spec is None or not g.api_key.allows_model(spec.id):
+        raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found",
+                       param="model")
+    return _model_object(spec, _states())

@@ -16,7 +16,7 @@ from webapp.errors import APIError
 MAX_TOKENS_LIMIT = 1_000_000
 
 
-def _check_prompt(value) -> None:
+def check_prompt(value) -> None:
     if isinstance(value, str):
         return
     if isinstance(value, list) and value:
@@ -29,7 +29,7 @@ def _check_prompt(value) -> None:
     raise ValidationError("must be a string, a list of strings or a list of token ids")
 
 
-def _check_messages(value) -> None:
+def check_messages(value) -> None:
     if not isinstance(value, list) or not value:
         raise ValidationError("must be a non-empty list of messages")
     for index, message in enumerate(value):
@@ -37,7 +37,7 @@ def _check_messages(value) -> None:
             raise ValidationError(f"message {index} must be an object with a 'role'")
 
 
-class _Sampling(Schema):
+class SamplingRequest(Schema):
     class Meta:
         unknown = INCLUDE
 
@@ -52,12 +52,12 @@ class _Sampling(Schema):
     stream_options = fields.Dict(allow_none=True)
 
 
-class CompletionRequest(_Sampling):
-    prompt = fields.Raw(required=True, validate=_check_prompt)
+class CompletionRequest(SamplingRequest):
+    prompt = fields.Raw(required=True, validate=check_prompt)
 
 
-class ChatCompletionRequest(_Sampling):
-    messages = fields.Raw(required=True, validate=_check_messages)
+class ChatCompletionRequest(SamplingRequest):
+    messages = fields.Raw(required=True, validate=check_messages)
     max_completion_tokens = fields.Integer(
         allow_none=True, validate=validate.Range(min=1, max=MAX_TOKENS_LIMIT), strict=True
     )
@@ -74,20 +74,6 @@ def check_engine_body(endpoint: str, body: dict) -> None:
     if errors:
         field, messages = next(iter(sorted(errors.items())))
         raise ValueError(f"'{field}': {messages[0] if isinstance(messages, list) else messages}")
-
-
-def parse_json_object(raw: bytes) -> dict:
-    if not raw:
-        raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(
-            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    return body
 
 
 def validate_body(schema: Schema, body: dict) -> None:

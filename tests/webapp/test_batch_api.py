@@ -11,7 +11,7 @@ import openai
 import pytest
 import urllib3
 
-from tests.conftest import TOKENS, raw_post, sdk, warm
+from tests.conftest import OTHER_TOKENS, TOKENS, raw_post, sdk, warm
 from tests.harness import wait_for
 
 
@@ -68,12 +68,14 @@ def test_bad_batch_completion_bodies(stack, body, status, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_jobs_are_private_to_their_key_but_visible_to_monitor(stack):
+def test_jobs_are_shared_in_their_project_and_hidden_from_others(stack):
     job = raw_post(stack, "/v1/batch/completions",
                    {"model": "sim/fast", "prompt": "mine", "max_tokens": 1},
                    token="batch").json()
-    assert _get(stack, job["status_url"], token="batch2").status == 404
+    assert _get(stack, job["status_url"], token="batch2").status == 200  # same project
     assert _get(stack, job["status_url"], token="monitor").status == 200
+    for scope in ("batch", "monitor"):
+        assert _get(stack, job["status_url"], token=OTHER_TOKENS[scope]).status == 404
     assert _get(stack, job["status_url"], token="realtime").status == 403
     assert raw_post(stack, "/v1/batch/completions", {"model": "sim/fast", "prompt": "x"},
                     token="realtime").status == 403

@@ -1,0 +1,90 @@
+"""Reading a JSON request body safely: bounded in size (chunked bodies too) and in depth.
+
+Werkzeug cuts a chunked body at `max_content_length` without saying so (the JSON then looks
+malformed: a misleading 400), and Python's parser answers very deep nesting with a
+RecursionError (a 500). Here a body over the limit is a 413 naming the limit, and nesting deeper
+than `MAX_DEPTH` a 400 naming it, on every JSON route, realtime included.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import request
+
+from webapp.errors import APIError
+
+# Deep enough for any real request (tool and response-format JSON schemas nest a dozen levels),
+# far below what the parser and everything after it (marshmallow, jsonschema, json.dumps)
+# can recurse through.
+MAX_DEPTH = 64
+_BLOCK = 64 * 1024
+_CONTAINERS = (dict, list)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body is larger than the limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+def read_request_body(limit: int | None = None) -> bytes:
+    """The whole request body, at most `limit` bytes (default: the app's body limit), whether
+    it came with a Content-Length or chunked; 413 past it."""
+    limit = request.max_content_length if limit is None else limit
+    length = request.content_length
+    if length is not None and limit is not None and length > limit:
+        raise too_large(limit)
+    # The server's own stream ends the body (Content-Length or the last chunk): read it bounded
+    # by hand instead of through Werkzeug's wrapper, which truncates silently at the limit.
+    stream = request.environ["wsgi.input"]
+    if length is not None:
+        return stream.read(length) if length else b""
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""  # no length and a server that does not end the stream: nothing safe to read
+    parts, size = [], 0
+    while True:
+        block = stream.read(_BLOCK)
+        if not block:
+            return b"".join(parts)
+        size += len(block)
+        if limit is not None and size > limit:
+            raise too_large(limit)
+        parts.append(block)
+
+
+def _too_deep(value, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if type(node) is dict else node:
+            if type(child) in _CONTAINERS:
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json_object(raw: bytes, max_depth: int = MAX_DEPTH) -> dict:
+    """The body as a JSON object; a 400 in the OpenAI shape if it is not one."""
+    if not raw:
+        raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # nested past what the parser can follow: past the limit too
+        raise APIError(400, f"The request body nests deeper than {max_depth} levels.",
+                       code="json_too_deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(
+            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if _too_deep(body, max_depth):
+        raise APIError(400, f"The request body nests deeper than {max_depth} levels.",
+                       code="json_too_deep")
+    return body
+
+
+def json_body() -> dict:
+    """The request's JSON object, read and checked as above."""
+    return parse_json_object(read_request_body())
