@@ -250,7 +250,8 @@ def _engine_error(payload: dict) -> dict:
     """The sample's error from a failed line: the batch line's error (retries used up), or the
     engine's refusal (a 4xx: the request itself is wrong, e.g. too long for the model)."""
     if payload.get("error"):
-        return {"code": payload["error"].get("code") or "engine_error",
+        code = payload["error"].get("code")
+        return {"code": code if isinstance(code, str) and code else "engine_error",
                 "message": payload["error"].get("message") or ""}
     response = payload.get("response") or {}
     answer = response.get("body")

@@ -1,14 +1,20 @@
 """gunicorn settings for the web process: gevent workers, fit for many long streams.
 
+The worker class answers the requests gunicorn refuses itself (limits, malformed requests) in
+the API's JSON envelope (webapp.gunicorn_worker); the logger class escapes what its access and
+error logs write and cuts query strings from the error log (webapp.gunicorn_logger).
+
 Environment: WEB_BIND (default 0.0.0.0:8000), WEB_CONCURRENCY (worker processes, default 2),
 WEB_WORKER_CONNECTIONS (concurrent calls per worker, default 2000).
 """
 
-import logging
+import importlib
 import os
-import re
 import resource
 import socket
+import sys
+import types
+from pathlib import Path
 
 # Each stream holds two sockets (client and engine): lift the soft limit on open files to the
 # hard one, since distributions default to 1024, too few for a thousand streams.
@@ -16,9 +22,28 @@ _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _soft < _hard:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 
+
+def _load_gunicorn_side(module: str) -> types.ModuleType:
+    """webapp/<module>.py, loaded without running webapp/__init__.py.
+
+    gunicorn's master loads the worker and logger classes before it forks; importing them as
+    `webapp.<module>` would import the whole app there (Flask, Redis, urllib3, ssl), before the
+    gevent workers monkey-patch, and leave those modules unpatched in every worker. They are
+    loaded as modules of a stand-in package with this directory as its path, so their relative
+    imports of one another work as they do within `webapp`.
+    """
+    package = sys.modules.get("_gateway_gunicorn")
+    if package is None:
+        package = types.ModuleType("_gateway_gunicorn")
+        package.__path__ = [str(Path(__file__).resolve().parent)]
+        sys.modules[package.__name__] = package
+    return importlib.import_module(f"{package.__name__}.{module}")
+
+
 bind = os.environ.get("WEB_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gevent"
+# gunicorn's gevent worker, answering the requests gunicorn refuses itself as JSON errors.
+worker_class = _load_gunicorn_side("gunicorn_worker").GatewayWorker
 worker_connections = int(os.environ.get("WEB_WORKER_CONNECTIONS", "2000"))
 # Streams may last minutes; the gevent worker heartbeats independently of requests.
 timeout = 60
@@ -28,25 +53,12 @@ keepalive = 75
 accesslog = "-" if os.environ.get("WEB_ACCESS_LOG", "1") == "1" else None
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
 errorlog = "-"
+# Escapes every access-log atom (the path is the caller's), and cuts query strings from the
+# error log's messages (gunicorn names whole URIs there) before escaping them.
+logger_class = _load_gunicorn_side("gunicorn_logger").GatewayLogger
 # gunicorn's runtime control socket is one fixed path per user: several stacks on one machine
 # (tests, benchmarks) would fight over it, and nothing here uses it.
 control_socket_disable = True
-
-# gunicorn's error log names the whole URI of a request it could not handle (or parse), query
-# string and all; `/ui/api/...?key=` carries a token, so query strings are cut from its messages.
-_QUERY = re.compile(r"\?[^\s'\"]*")
-
-
-class _NoQueryStrings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "?" in message:
-            record.msg, record.args = _QUERY.sub("?[query removed]", message), None
-        return True
-
-
-def on_starting(server):
-    server.log.error_log.addFilter(_NoQueryStrings())
 
 
 def post_worker_init(worker):

@@ -1,6 +1,9 @@
 """Logging set-up: plain text or one JSON object a line (`LOG_JSON`), with the request id.
 
-Nothing here logs request headers or query strings, so a token cannot reach a log.
+Nothing here logs request headers or query strings, so a token cannot reach a log. What is
+logged may hold a caller's text (a path, a model name): in plain text each record is one line
+with its control characters escaped (webapp.logsafe), but for an exception's trace, which keeps
+its lines, escaped and indented; in JSON, `json.dumps` escapes them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import sys
 import time
 
 from flask import g, has_request_context
+
+from webapp.logsafe import escape_controls, escape_lines
 
 
 class RequestIdFilter(logging.Filter):
@@ -37,6 +42,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class TextFormatter(logging.Formatter):
+    """A record as one line, whatever its message holds; its trace below it, indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        return escape_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_lines(super().formatStack(stack_info))
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] rid=%(request_id)s: %(message)s"
+
+
 def configure_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     if getattr(root, "_gateway_configured", False):
@@ -45,11 +66,7 @@ def configure_logging(level: str, as_json: bool) -> None:
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s[%(process)d] rid=%(request_id)s: %(message)s"
-            )
-        )
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, g, request
 
 from runtimes.catalog import ModelSpec
+from runtimes.engine_errors import normalise_engine_error
 from runtimes.registry import READY
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 from webapp import coldstart
@@ -19,7 +20,7 @@ from webapp.auth import admit, check_model_allowed, require_scope
 from webapp.errors import APIError
 from webapp.jsonbody import parse_json_object, read_request_body
 from webapp.metrics import StreamTimer
-from webapp.relay import engine_failure, normalise_engine_error, read_body, relay_stream
+from webapp.relay import engine_failure, read_body, relay_stream
 from webapp.schemas import CHAT_COMPLETION, COMPLETION, validate_body
 
 bp = Blueprint("realtime", __name__)
@@ -99,7 +100,9 @@ def _send(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: 
                 release_lease()
         if upstream.status >= 400:
             data = normalise_engine_error(upstream.status, data)
-        content_type = upstream.headers.get("Content-Type", "application/json")
+            content_type = "application/json"  # our envelope, whatever the engine sent
+        else:
+            content_type = upstream.headers.get("Content-Type", "application/json")
         return Response(data, status=upstream.status, content_type=content_type, headers=headers)
 
     instance_id = record.id

@@ -1,10 +1,11 @@
 """The engine's answer to the client: the body, an error in our envelope, or the stream.
 
 The call itself goes out through `runtimes.upstream` with the body as the client sent it (no
-re-serialisation). A streamed answer is
-relayed chunk by chunk as the engine writes it. If the client hangs up, the engine request is
-closed at once (a watcher notices the hang-up even while the engine is silent), so the engine
-frees the slot; if the engine dies mid-stream, the client gets an error event, never a hang.
+re-serialisation). A streamed answer is relayed chunk by chunk as the engine writes it. If the
+client hangs up, the engine request is closed at once (a watcher notices the hang-up even while
+the engine is silent), so the engine frees the slot; if the engine dies mid-stream, the client
+gets an error event, never a hang. The engine's errors, answered whole or as an event in a
+stream, reach the client in our envelope (`runtimes.engine_errors`), never in vLLM's shape.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 
+from runtimes.engine_errors import engine_error, error_fields, status_of
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, UpstreamResponse
 from webapp.errors import APIError
 
@@ -42,20 +44,24 @@ def read_body(upstream: UpstreamResponse) -> bytes:
         raise engine_failure(exc) from None
 
 
-def normalise_engine_error(status: int, body: bytes) -> bytes:
-    """An engine's error body in our envelope (older vLLM answers a flat error object)."""
+def _rewrite_error_event(chunk: bytes) -> bytes:
+    """`chunk` with the engine's error event at its start in our envelope; unchanged when that
+    is no JSON error object after all."""
+    event, separator, rest = chunk.partition(b"\n\n")
     try:
-        parsed = json.loads(body)
+        parsed = json.loads(event[len(b"data:"):])
     except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return body
-    message = parsed.get("message") if isinstance(parsed, dict) else None
-    if not message:
-        message = body.decode(errors="replace")[:500] or f"engine answered {status}"
-    error_type = "invalid_request_error" if status < 500 else "server_error"
-    return json.dumps({"error": {"message": message, "type": error_type,
-                                 "code": f"engine_{status}", "param": None}}).encode()
+        return chunk
+    fields = error_fields(parsed)
+    if fields is None:
+        return chunk
+    rewritten = json.dumps(engine_error(status_of(fields), fields)).encode()
+    return b"data: " + rewritten + separator + rest
+
+
+# How an engine's error event starts: vLLM's nested object, or the flat one of older vLLM and
+# SGLang (pydantic writes `object` first).
+_ERROR_EVENT = (b'data: {"error"', b'data: {"object":"error"', b'data: {"object": "error"')
 
 
 def _sse_error(message: str, code: str) -> bytes:
@@ -103,11 +109,14 @@ def relay_stream(
         yield b""
         chunks = upstream.iter_body()
         if on_first is not None:
-            for chunk in chunks:  # the first chunk only: the rest goes through untouched
+            for chunk in chunks:  # the first chunk only: its arrival is the time to first token
                 on_first()
-                yield chunk
+                yield _rewrite_error_event(chunk) if chunk.startswith(_ERROR_EVENT) else chunk
                 break
-        yield from chunks
+        for chunk in chunks:
+            # vLLM reports an error met after the answer began as an event of its own (one
+            # chunk): the one test per chunk is a prefix match, the rewrite only for that event.
+            yield _rewrite_error_event(chunk) if chunk.startswith(_ERROR_EVENT) else chunk
         outcome = "complete"
     except (EngineBrokeOff, EngineTimeout) as exc:
         if state["client_gone"]:
