@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from runtimes.catalog import ModelCatalog
+from runtimes.engine_errors import normalise_engine_error
 from runtimes.leases import LeaseSet
 from runtimes.policy import batch_per_engine
 from runtimes.routing import RuntimeRouter
 from runtimes.upstream import EngineBrokeOff, EngineClient, EngineTimeout, EngineUnreachable
 from tasks.admission import AdmissionGate
+from tasks.batch_line import LineProblem, parse_line
 from tasks.filestore import FileStore
 from tasks.jobstore import JobStore, LineResult
 from tasks.linewriter import LineWriter
@@ -230,25 +232,13 @@ class BatchService:
             return {"code": code, "message": message, "param": param}
 
         try:
-            line = json.loads(raw)
-        except ValueError:
-            return problem("invalid_json", "the line is not valid JSON")
-        if not isinstance(line, dict):
-            return problem("invalid_request", "the line must be a JSON object")
-        custom_id = line.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            return problem("missing_custom_id", "custom_id must be a non-empty string",
-                           "custom_id")
+            line = parse_line(raw, endpoint)
+        except LineProblem as exc:
+            return problem(exc.code, exc.message, exc.param)
+        custom_id, body = line["custom_id"], line["body"]
         if custom_id in seen:
             return problem("duplicate_custom_id", f"custom_id {custom_id!r} appears twice",
                            "custom_id")
-        if line.get("method", "POST") != "POST":
-            return problem("invalid_method", "method must be POST", "method")
-        if line.get("url") != endpoint:
-            return problem("invalid_url", f"url must be the batch's endpoint {endpoint}", "url")
-        body = line.get("body")
-        if not isinstance(body, dict):
-            return problem("invalid_body", "body must be a JSON object", "body")
         model = body.get("model")
         if not isinstance(model, str) or model not in self.catalog:
             return problem("model_not_found", f"model {model!r} is not served here", "body.model")
@@ -465,10 +455,15 @@ class BatchService:
             raise Transient(f"engine unreachable: {type(exc).__name__}") from None
         if response.status >= 500:
             raise Transient(f"engine answered {response.status}")
+        if response.status >= 400:
+            # The error line's body in the API's envelope, as a realtime caller would get it.
+            return EngineAnswer(response.status, request_id,
+                                json.loads(normalise_engine_error(response.status, data)))
         try:
             answer = json.loads(data)
         except ValueError:
-            answer = {"error": {"message": data.decode(errors="replace")[:500]}}
+            answer = {"error": {"message": data.decode(errors="replace")[:500],
+                                "type": "server_error", "code": "engine_error", "param": None}}
         return EngineAnswer(response.status, request_id, answer)
 
     @staticmethod

@@ -3,23 +3,17 @@
 Werkzeug cuts a chunked body at `max_content_length` without saying so (the JSON then looks
 malformed: a misleading 400), and Python's parser answers very deep nesting with a
 RecursionError (a 500). Here a body over the limit is a 413 naming the limit, and nesting deeper
-than `MAX_DEPTH` a 400 naming it, on every JSON route, realtime included.
+than `tasks.json_limits.MAX_DEPTH` a 400 naming it, on every JSON route, realtime included.
 """
 
 from __future__ import annotations
 
-import json
-
 from flask import request
 
+from tasks import json_limits
 from webapp.errors import APIError
 
-# Deep enough for any real request (tool and response-format JSON schemas nest a dozen levels),
-# far below what the parser and everything after it (marshmallow, jsonschema, json.dumps)
-# can recurse through.
-MAX_DEPTH = 64
 _BLOCK = 64 * 1024
-_CONTAINERS = (dict, list)
 
 
 def too_large(limit: int) -> APIError:
@@ -52,36 +46,20 @@ def read_request_body(limit: int | None = None) -> bytes:
         parts.append(block)
 
 
-def _too_deep(value, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in node.values() if type(node) is dict else node:
-            if type(child) in _CONTAINERS:
-                stack.append((child, depth + 1))
-    return False
-
-
-def parse_json_object(raw: bytes, max_depth: int = MAX_DEPTH) -> dict:
+def parse_json_object(raw: bytes) -> dict:
     """The body as a JSON object; a 400 in the OpenAI shape if it is not one."""
     if not raw:
         raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        body = json.loads(raw)
-    except RecursionError:  # nested past what the parser can follow: past the limit too
-        raise APIError(400, f"The request body nests deeper than {max_depth} levels.",
-                       code="json_too_deep") from None
+        body = json_limits.loads(raw)
+    except json_limits.TooDeep as exc:
+        raise APIError(400, f"The request body {exc}.", code="json_too_deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(
             400, f"The request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    if _too_deep(body, max_depth):
-        raise APIError(400, f"The request body nests deeper than {max_depth} levels.",
-                       code="json_too_deep")
     return body
 
 

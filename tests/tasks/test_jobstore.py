@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from tasks.eval_store import EvalStore
 from tasks.jobstore import JobStore, LineResult
+from tasks.tenancy import UnknownCursor
 
 
 def _job(store: JobStore, pending: dict[str, int], status: str = "in_progress") -> str:
@@ -69,3 +73,33 @@ def test_a_job_starts_once_however_often_its_preparation_runs(redis_db):
                            {"a": 5})
     assert store.pending() == {"a": 2, "b": 1}  # nothing of the cancelled one
     assert store.get(cancelled).get("chunks") is None
+
+
+def test_jobs_of_a_project_are_found_only_from_it(redis_db):
+    store = JobStore(redis_db, "t")
+    mine = store.create("batch", "key-a", {"status": "queued"}, project="a")
+    theirs = store.create("batch", "key-b", {"status": "queued"}, project="b")
+    assert store.get(mine, "a")["owner"] == "key-a"
+    assert store.get(mine, "b") is None and store.get(mine)["project"] == "a"
+    assert [j["id"] for j in store.list("batch", "a", None, 10)[0]] == [mine]
+    assert {j["id"] for j in store.list("batch", None, None, 10)[0]} == {mine, theirs}
+    with pytest.raises(UnknownCursor):
+        store.list("batch", "a", theirs, 10)  # another project's id is no cursor here
+    store.delete(mine)
+    assert store.list("batch", "a", None, 10)[0] == []
+
+
+def test_jobs_and_evals_from_before_projects_go_to_default(redis_db):
+    store, evals = JobStore(redis_db, "t"), EvalStore(redis_db, "t")
+    # As an older release stored them: no project field, no project index.
+    redis_db.hset("t:job:batch_old", mapping={"id": "batch_old", "kind": "batch",
+                                               "owner": "k", "status": "completed"})
+    redis_db.zadd("t:jobs:batch", {"batch_old": 1.0})
+    redis_db.set("t:eval:eval_old", json.dumps({"id": "eval_old", "owner": "k", "name": "e"}))
+    redis_db.zadd("t:evals", {"eval_old": 1.0})
+    assert store.get("batch_old", "default")["project"] == "default"  # reads as default
+    assert store.adopt_unprojected() == 1 and evals.adopt_unprojected() == 1
+    assert store.adopt_unprojected() == 0 and evals.adopt_unprojected() == 0  # idempotent
+    assert [j["id"] for j in store.list("batch", "default", None, 10)[0]] == ["batch_old"]
+    assert [e["id"] for e in evals.list("default", None, 10, "asc")[0]] == ["eval_old"]
+    assert evals.get("eval_old", "other") is None

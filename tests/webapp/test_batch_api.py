@@ -168,7 +168,11 @@ def test_a_bad_file_fails_validation_with_line_numbers(stack):
                                                                "prompt": "x"}}])
            + _jsonl([{**good[2], "custom_id": "typed", "body": {"model": "sim/fast",
                                                                "prompt": "x",
-                                                               "max_tokens": "ten"}}]))
+                                                               "max_tokens": "ten"}}])
+           # Nested far past the depth limit, then a custom_id and a method of the wrong type.
+           + b'{"custom_id": "deep", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+           + _jsonl([{**good[2], "custom_id": 17}])
+           + _jsonl([{**good[2], "custom_id": "get", "method": ["GET"]}]))
     uploaded = sdk(stack, TOKENS["upload"]).files.create(file=("bad.jsonl", io.BytesIO(raw)),
                                                          purpose="batch")
     client = sdk(stack, TOKENS["batch"])
@@ -178,7 +182,10 @@ def test_a_bad_file_fails_validation_with_line_numbers(stack):
     assert done.status == "failed"
     found = {(e.line, e.code) for e in done.errors.data}
     assert found == {(2, "invalid_json"), (4, "duplicate_custom_id"), (5, "invalid_url"),
-                     (6, "model_not_found"), (7, "invalid_body")}, found
+                     (6, "model_not_found"), (7, "invalid_body"), (8, "invalid_json"),
+                     (9, "missing_custom_id"), (10, "invalid_method")}, found
+    deep = next(e for e in done.errors.data if e.line == 8)
+    assert "64 levels" in deep.message
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [

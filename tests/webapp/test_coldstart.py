@@ -162,6 +162,8 @@ def test_idle_engine_sleeps_and_wakes_in_about_a_second(stack, registry):
     response = _complete(stack, model)
     assert response.status == 503
     assert int(response.headers["Retry-After"]) <= 2
+    error = json.loads(response.data)["error"]
+    assert error["code"] == "model_waking" and "waking up" in error["message"]
     asked = time.monotonic()
     wait_for(lambda: _complete(stack, model).status == 200, 10, interval=0.05, what="wake-up")
     assert time.monotonic() - asked < 2.0  # well under the 2 s cold load

@@ -58,6 +58,16 @@ def test_example_keys_file():
     assert "token" not in raw and raw["sha256"] == token_digest("example-limited-token")
     assert by_token(keys, "not-a-token") is None
     assert len(keys) == 7
+    assert {k.project for k in keys.values()} == {"default"}  # no project named: default
+
+
+def test_a_key_names_its_project(tmp_path: Path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [entry("a", token=SECRET, project="team-a.prod"),
+                                         entry("b", token=OTHER_SECRET)]}))
+    keys = read_keys_file(path)
+    assert by_token(keys, SECRET).project == "team-a.prod"
+    assert by_token(keys, OTHER_SECRET).project == "default"
 
 
 # ---------------------------------------------------------------- bad files
@@ -84,6 +94,9 @@ BAD_ENTRIES = [
      1, "twin", "duplicate name"),
     ("duplicate token", [GOOD, entry("copy", token=OTHER_SECRET)], 1, "copy",
      "same token as another entry"),
+    ("project with a slash", [entry("slash", token=SECRET, project="a/b")], 0, "slash",
+     "project"),
+    ("project not a string", [entry("num", token=SECRET, project=7)], 0, "num", "project"),
     ("duplicate token given as its sha256",
      [GOOD, entry("hashed", sha256=token_digest(OTHER_SECRET))], 1, "hashed",
      "same token as another entry"),
