@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import REPO_ROOT, Settings, SettingsError, load_settings
+from config.settings import (
+    CHECKOUT_ENV_FILE,
+    REPO_ROOT,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from runtimes.catalog import CatalogError, ModelCatalog
 
 REQUIRED = {"REDIS_URL": "redis://127.0.0.1:6390/0", "AUTH_KEYS_FILE": "/etc/gw/keys.json"}
@@ -116,6 +122,38 @@ def test_env_file_bad_value_is_named(tmp_path: Path):
     assert "START_TIMEOUT_SECONDS" in str(error.value)
 
 
+def test_no_env_file_means_the_checkout_defaults(tmp_path: Path):
+    """As `make run` without a .env: config/checkout.env stands in for the missing file."""
+    missing = tmp_path / "no.env"
+    before = dict(os.environ)
+    settings = load_settings(environ={}, env_file=missing)
+    assert (settings.runtime_type, settings.runtime_backend) == ("sim", "process")
+    assert settings.auth_keys_file == Path("config/example.keys.json")
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert dict(os.environ) == before
+    # The environment still wins over them.
+    settings = load_settings(environ={"RUNTIME_BACKEND": "docker"}, env_file=missing)
+    assert (settings.runtime_type, settings.runtime_backend) == ("sim", "docker")
+    # A .env that exists replaces them all: what it lacks gets the ordinary defaults, or stops
+    # start-up when required.
+    present = tmp_path / ".env"
+    present.write_text("REDIS_URL=redis://10.0.0.5:6379/0\n")
+    with pytest.raises(SettingsError) as error:
+        load_settings(environ={}, env_file=present)
+    assert "AUTH_KEYS_FILE" in str(error.value)
+    present.write_text("REDIS_URL=redis://10.0.0.5:6379/0\nAUTH_KEYS_FILE=/etc/gw/keys.json\n")
+    settings = load_settings(environ={}, env_file=present)
+    assert (settings.runtime_type, settings.runtime_backend) == ("vllm", "docker")
+
+
+def test_checkout_defaults_stay_out_of_images():
+    """The orchestrator image must not start on the example keys: .dockerignore leaves the file
+    out of the build context (and setup.cfg's package data, `*.json`, out of packages)."""
+    assert CHECKOUT_ENV_FILE.is_file()
+    ignored = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert str(CHECKOUT_ENV_FILE.relative_to(REPO_ROOT)) in ignored
+
+
 # ---------------------------------------------------------------- model catalog
 
 
@@ -125,7 +163,7 @@ def test_example_catalog_on_vllm():
     gemma, mistral = catalog.get(GEMMA), catalog.get(MISTRAL)
     assert gemma.engine == mistral.engine == "vllm"
     assert gemma.args == ("--max-model-len", "16384", "--gpu-memory-utilization", "0.90",
-                          "--enable-sleep-mode")
+                          "--enable-sleep-mode", "--scheduling-policy", "priority")
     assert mistral.args[:2] == ("--max-model-len", "8192")
     assert (gemma.expected_start_seconds, mistral.expected_start_seconds) == (240, 90)
     assert (gemma.idle_timeout_seconds, mistral.idle_timeout_seconds) == (900, 600)
