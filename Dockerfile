@@ -57,6 +57,8 @@ COPY celeryconfig.py /app/
 COPY config /app/config
 COPY templates /app/templates
 COPY runtimes /app/runtimes
+COPY jobs /app/jobs
+COPY services /app/services
 COPY tasks /app/tasks
 COPY webapp /app/webapp
 # Compiled once here: the services run as `app`, which cannot write next to the sources.

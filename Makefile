@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench simulate sim-image clean
+.PHONY: run test lint bench simulate simulate-traces sim-image clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest
@@ -29,6 +30,11 @@ bench: $(STAMP)
 
 simulate: $(STAMP)
 	$(BIN)/python -m bench.simulate
+
+# The policy on scenarios built from the public Azure traces (../shared/traces), one and two
+# GPUs, against both baselines: bench/SIMULATE.md.
+simulate-traces: $(STAMP)
+	$(BIN)/python -m bench.simulate --scenarios --out bench/SIMULATE.md
 
 # The sim engine's image, built locally (debootstrap + docker import; no registry). FORCE=1 rebuilds.
 sim-image:

@@ -52,6 +52,7 @@ import psutil
 from bench.procstat import OtherLoad, WorkerSampler
 from bench.realtime import git_revision, machine
 from bench.stack import REPO_ROOT, TOKEN, BenchError, Stack
+from bench.tables import markdown_table
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 ZERO, REALISTIC = "bench/batch-zero", "bench/batch-realistic"
@@ -565,11 +566,6 @@ def run(args: argparse.Namespace) -> dict:
 # -- the report ---------------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def verdicts(results: dict) -> list[list[str]]:
     big, small, direct, rt = (
         results["big"],
@@ -654,7 +650,7 @@ def render(results: dict) -> str:
         "",
         "## Targets",
         "",
-        *_table(["target", "threshold", "measured", "result"], verdicts(results)),
+        *markdown_table(["target", "threshold", "measured", "result"], verdicts(results)),
         "",
         "## 1. Throughput: 10,000-line batches, max_tokens 16, beside a direct client",
         "",
@@ -668,7 +664,7 @@ def render(results: dict) -> str:
         "parse, validation, chunk messages, admission, Redis writes, output file) against an "
         "aiohttp client's, on the two cores the engine shares.",
         "",
-        *_table(
+        *markdown_table(
             ["engine", "", "lines", "seconds", "lines/s", "ratio", "details"],
             [
                 row
@@ -715,7 +711,7 @@ def render(results: dict) -> str:
         "",
         "## 2. Memory (peak RSS sampled every 0.2 s, upload to completed; GPU-like engine)",
         "",
-        *_table(
+        *markdown_table(
             [
                 "batch",
                 "web workers (sum of peaks)",
@@ -755,7 +751,7 @@ def render(results: dict) -> str:
         f"same engine (cancelled afterwards: it ended `{rt['batch_final']}` with "
         f"{rt['batch_done_at_cancel']} lines done).",
         "",
-        *_table(
+        *markdown_table(
             [
                 "",
                 "streams",

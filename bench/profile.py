@@ -52,7 +52,7 @@ def _package(frame: str) -> str:
 
 def _is_gateway_code(frame: str) -> bool:
     where = frame.rpartition(" (")[2]
-    return where.startswith(("webapp/", "runtimes/", "config/", "tasks/"))
+    return where.startswith(("webapp/", "runtimes/", "config/", "tasks/", "jobs/", "services/"))
 
 
 def summarise(raw: str, top: int = 10) -> dict:

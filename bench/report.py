@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.tables import markdown_table
+
 # Quoted from the issue: LiteLLM proxy 1.108.7 under uvicorn, on a 2-core machine of this kind,
 # against a 0 ms fake engine. Not measured by this bench.
 LITELLM = {
@@ -47,12 +49,6 @@ def _ratio(gateway: float, direct: float) -> str:
 
 def _workers(n: int) -> str:
     return f"{n} worker" + ("s" if n > 1 else "")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
 
 
 def _find(items: list[dict], workers: int, concurrency: int) -> dict | None:
@@ -232,13 +228,14 @@ def render(results: dict) -> str:
         "",
         "## Targets",
         "",
-        *_table(["target", "threshold", "measured", "result", QUOTED], target_rows(results)),
+        *markdown_table(["target", "threshold", "measured", "result", QUOTED],
+                        target_rows(results)),
         "",
         "## Non-streaming `/v1/completions` on `bench/zero` (engine answers at once)",
         "",
         f"wrk, {meta['wrk_seconds']:g} s per run after a 1 s warm-up, `max_tokens` 16.",
         "",
-        *_table(header, nonstream_rows(results)),
+        *markdown_table(header, nonstream_rows(results)),
         "",
         "## Streaming `/v1/completions` on `bench/realistic` "
         "(50 ms to first token, 10 ms per token, 32 tokens)",
@@ -251,14 +248,14 @@ def render(results: dict) -> str:
         "`data:` event) and whole-stream times are over streams begun inside it. Every stream "
         "must end with `data: [DONE]` after 32 token events.",
         "",
-        *_table(header, stream_rows(results)),
+        *markdown_table(header, stream_rows(results)),
         "",
         "## Gateway resources",
         "",
         "CPU is user + system time of the gunicorn worker processes during the measured window "
         "(the master is idle); resident memory is the maximum sampled every 0.2 s per worker.",
         "",
-        *_table(["scenario", "gateway", "details"], resource_rows(results)),
+        *markdown_table(["scenario", "gateway", "details"], resource_rows(results)),
         "",
         "## Other load on the machine",
         "",
@@ -268,7 +265,8 @@ def render(results: dict) -> str:
         "scenario disturbed by more than 10 % was measured again (up to 3 attempts, within a "
         "time budget) and the least disturbed attempt is reported.",
         "",
-        *_table(["scenario", "during direct", "during gateway", "attempts"], noise_rows(results)),
+        *markdown_table(["scenario", "during direct", "during gateway", "attempts"],
+                        noise_rows(results)),
         "",
         "## How it was run",
         "",
@@ -299,21 +297,21 @@ def render(results: dict) -> str:
             "",
             "Hot functions (self time: the function itself was running):",
             "",
-            *_table(
+            *markdown_table(
                 ["function (file:line)", "self samples", "self %"],
                 [[f"`{f}`", str(n), f"{n / prof['samples']:.1%}"] for f, n in prof["self"]],
             ),
             "",
             "Self time by package:",
             "",
-            *_table(
+            *markdown_table(
                 ["package", "self samples", "self %"],
                 [[f"`{f}`", str(n), f"{n / prof['samples']:.1%}"] for f, n in prof["packages"]],
             ),
             "",
             "The gateway's own functions, inclusive of what they call:",
             "",
-            *_table(
+            *markdown_table(
                 ["function (file:line)", "inclusive samples", "inclusive %"],
                 [
                     [f"`{f}`", str(n), f"{n / prof['samples']:.1%}"]

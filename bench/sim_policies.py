@@ -1,13 +1,16 @@
 """The policies `bench.simulate` compares, each a `World` that decides loads, wakes and unloads.
 
+All three place by memory (`World.free_spot`: several models share a GPU when they fit, as
+Ollama places models by VRAM) and see the same calls, engines and GPUs.
+
 - `PlanPolicy`: ours. Every 5 simulated seconds it builds a `runtimes.policy.Snapshot` of the
   world, calls `plan`, and carries the actions out the way `runtimes.control.ControlPlane` does
   (a start or a wake goes through the same `ensure_running` rules). A realtime call that finds
   no ready instance does what the web app does: it records demand and asks for a start at once
   (the fast path), then retries after each `Retry-After` until an instance is ready.
 - `TtlBaseline` ("fixed TTL 300 s", llama-swap style): loads a model on its first request,
-  unloads it 300 s after its last one; when no GPU is free it unloads the least recently used
-  model that has nothing in flight, else the request waits.
+  unloads it 300 s after its last one; when it does not fit it unloads the least recently used
+  models that have nothing in flight until it does, else the request waits.
 - `KeepAliveBaseline` ("keep-alive 5 min + LRU", Ollama style): the same keep-alive, but when
   every loaded model is busy, a model that needs a GPU evicts the least recently used one anyway:
   that one stops taking requests, finishes those in flight, then unloads.
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections import deque
 
 from bench.sim_trace import Call, Trace
@@ -36,10 +38,10 @@ from bench.sim_world import (
     World,
 )
 from runtimes.backends.base import Observed
-from runtimes.catalog import ModelSpec
 from runtimes.control import RESERVATION_SECONDS
 from runtimes.engines import EngineLoad, engine_for
-from runtimes.placement import place, with_reservations
+from runtimes.keepalive import ArrivalHistory
+from runtimes.placement import place_spec, with_reservations
 from runtimes.policy import DEMAND_WINDOW_SECONDS, Action, Snapshot, plan
 from runtimes.registry import RuntimeRecord
 
@@ -67,8 +69,12 @@ def retry_after(records: list[Instance], load_seconds: float, wake_seconds: floa
 
 # Notes for a start `ensure_running` refuses, by who asked for it.
 WHY_REFUSED = {
-    "call": "starts asked for by a waiting call, refused: no free GPU (a tick makes room)",
-    "plan": "starts planned by `plan`, refused at carry-out: no free GPU",
+    "call": "starts asked for by a waiting call, refused: no room (a tick makes room)",
+    "plan": "starts planned by `plan`, refused at carry-out: no room",
+}
+WHY_REFUSED_WAKE = {
+    "call": "wake-ups asked for by a waiting call, refused: its memory is taken (a tick frees it)",
+    "plan": "wake-ups planned by `plan`, refused at carry-out: its memory is taken",
 }
 
 
@@ -76,6 +82,7 @@ class PlanPolicy(World):
     """Ours: `runtimes.policy.plan` on a snapshot every tick, sleep mode on."""
 
     name = "ours (plan, sleep mode)"
+    key = "ours"
 
     def __init__(self, trace: Trace, *, check: bool = True, tick_seconds: float = 5.0,
                  sleep_after: float | None = 120.0, idle_timeout: float = 600.0,
@@ -87,16 +94,16 @@ class PlanPolicy(World):
         self.min_lifetime = min_lifetime
         self.arrivals_window = arrivals_window
         # vLLM with sleep mode, so `can_sleep` comes from the engine as in ControlPlane.
-        self.catalog = {
-            m.id: ModelSpec(id=m.id, engine="vllm", gpus=m.gpus, args=("--enable-sleep-mode",),
-                            expected_start_seconds=m.load_seconds, fingerprint=f"sim-{m.id}")
-            for m in trace.models
-        }
+        self.catalog = dict(self.specs)
         self.can_sleep = frozenset(s.id for s in self.catalog.values()
                                    if engine_for(s).can_sleep(s))
         self.demand: dict[str, float] = {}
+        self.demand_since: dict[str, float] = {}
+        # Calls as the web app counts them: every call, a retry after a 503 included.
         self.arrived: dict[str, deque[float]] = {m: deque() for m in self.models}
+        self.history = ArrivalHistory()
         self.retries: list[tuple[float, int, Call]] = []
+        self.asked: dict[str, int] = {}
         self.actions: list[tuple[float, Action]] = []
         # GPUs freed by an eviction, and the model they were freed for (a diagnostic).
         self.evicted_for: dict[tuple[str, int], str] = {}
@@ -105,8 +112,12 @@ class PlanPolicy(World):
 
     # -- what the web app does -------------------------------------------------------------
 
+    def _arrive(self, model: str, at: float) -> None:
+        self.arrived[model].append(at)
+        self.history.add(model, int(at // self.history.bucket_seconds))
+
     def route(self, call: Call) -> None:
-        self.arrived[call.model].append(call.arrival)
+        self._arrive(call.model, call.arrival)
         super().route(call)
 
     def on_waiting(self, call: Call, now: float) -> None:
@@ -115,7 +126,12 @@ class PlanPolicy(World):
     def _ask_again(self, call: Call, now: float) -> None:
         """A 503 for a waiting call: demand noted, a start asked for, a retry scheduled."""
         self.demand[call.model] = now
-        self.ensure_running(call.model, 1, now)
+        self.demand_since.setdefault(call.model, now)
+        # The web app asks once per model until that start task is done (a Redis SET NX); the
+        # task here is done at once, so once a second stands for it.
+        if self.asked.get(call.model) != math.floor(now):
+            self.asked[call.model] = math.floor(now)
+            self.ensure_running(call.model, 1, now)
         model = self.models[call.model]
         delay = retry_after(self.of_model(call.model), model.load_seconds, model.wake_seconds,
                             now)
@@ -124,14 +140,16 @@ class PlanPolicy(World):
     def on_ready(self, inst: Instance) -> None:
         # ControlPlane clears a model's demand when an instance becomes ready or wakes.
         self.demand.pop(inst.model, None)
+        self.demand_since.pop(inst.model, None)
 
     def reservations(self, now: float) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {m: (h, g) for m, (h, g, until) in self.reserved.items() if until > now}
 
     def free_spot(self, model: str, now: float = 0.0) -> tuple[str, tuple[int, ...]] | None:
-        """As `ControlPlane._claim_start` places: GPUs reserved for other models are taken."""
-        taken = with_reservations(self.used(), self.reservations(now), model)
-        return place(self.models[model].gpus, self.inventory, taken)
+        """As `ControlPlane._claim_start` places: memory set aside for other models is taken."""
+        taken = with_reservations(self.held(), self.reservations(now), model, self.catalog,
+                                  self.gpu_memory)
+        return place_spec(self.specs[model], self.inventory, self.gpu_memory, taken)
 
     def launch(self, model: str, now: float, spot: tuple[str, tuple[int, ...]]) -> Instance:
         self.reserved.pop(model, None)
@@ -146,11 +164,18 @@ class PlanPolicy(World):
     def ensure_running(self, model: str, replicas: int, now: float,
                        source: str = "call") -> None:
         """`ControlPlane.ensure_running`: wake a sleeping instance when none is ready or
-        starting, else start one on free GPUs unless the model has `replicas` live ones."""
+        starting (if its memory is free again), else start one where it fits unless the model
+        has `replicas` live ones."""
         mine = self.of_model(model)
         asleep = [i for i in mine if i.state in (SLEEPING, WAKING)]
         if asleep and not any(i.state in (READY, LOADING) for i in mine):
             if not any(i.state == WAKING for i in asleep):
+                taken = with_reservations(self.held(), self.reservations(now), model,
+                                          self.catalog, self.gpu_memory)
+                if not self.wake_fits(asleep[0], taken):
+                    self.notes[WHY_REFUSED_WAKE[source]] += 1
+                    return
+                self.reserved.pop(model, None)  # as ControlPlane._claim_wake
                 self.begin_wake(asleep[0], now)
             return
         live = [i for i in mine if i.state != DRAINING]
@@ -158,7 +183,7 @@ class PlanPolicy(World):
             return
         spot = self.free_spot(model, now)
         if spot is None:
-            # The placement lock finds no free GPU; the autoscaler has to make room first.
+            # The placement lock finds no room; the autoscaler has to make room first.
             self.notes[WHY_REFUSED[source]] += 1
             return
         self.launch(model, now, spot)
@@ -167,6 +192,7 @@ class PlanPolicy(World):
         while self.retries and self.retries[0][0] <= t:
             at, _, call = heapq.heappop(self.retries)
             if call.id in self.waiting_ids:
+                self._arrive(call.model, at)
                 self._ask_again(call, at)
         if t % self.tick_seconds == 0:
             self.tick(t)
@@ -182,7 +208,8 @@ class PlanPolicy(World):
                 gpu_host=inst.gpu_host, fingerprint=spec.fingerprint,
                 created_at=inst.created_at, state_since=inst.state_since,
                 ready_at=inst.ready_at,
-                meta={"evicted_for": getattr(inst, "evicted_for", "")},
+                meta={"evicted_for": getattr(inst, "evicted_for", ""),
+                      "then": getattr(inst, "then", "")},
             ))
             observed.append(Observed(
                 instance_id=inst.id, model=inst.model, engine=spec.engine, handle=inst.id,
@@ -208,6 +235,11 @@ class PlanPolicy(World):
             arrivals=arrivals, batch_pending=pending, engine_load=load,
             can_sleep=self.can_sleep, sleep_after_seconds=self.sleep_after,
             min_lifetime=self.min_lifetime, reservations=self.reservations(now),
+            gpu_memory=self.gpu_memory, arrivals_window=self.arrivals_window,
+            demand_since=dict(self.demand_since), history=self.history.snapshot(now),
+            # What the registry's medians of observed starts and wake-ups would say.
+            start_seconds={m.id: m.load_seconds for m in self.models.values()},
+            wake_seconds={m.id: m.wake_seconds for m in self.models.values()},
         )
 
     def tick(self, now: float) -> None:
@@ -230,41 +262,51 @@ class PlanPolicy(World):
         elif kind == "wake":
             self.ensure_running(action.model, 1, now, source="plan")
         elif kind == "sleep":
-            if inst is not None and inst.state == READY:
+            # ControlPlane.sleep: a ready engine, or a drained one the eviction wants asleep.
+            if inst is not None and inst.state in (READY, DRAINING):
                 if inst.inflight(now):
                     raise SimulationError(f"plan put {inst.id} to sleep with calls in flight")
+                if action.evicted_for and inst.state == READY:
+                    self._note_eviction(inst, action, now)
                 inst.state, inst.state_since = SLEEPING, now
+                self._reserve(inst, action, now)
         elif kind == "drain":
             if inst is not None and inst.state == READY:  # the registry's compare-and-set
                 inst.state, inst.state_since = DRAINING, now
                 inst.evicted_for = action.evicted_for  # as ControlPlane keeps it in meta
-                if action.reason.startswith("evicted"):
+                inst.then = action.then
+                if action.evicted_for:
                     self._note_eviction(inst, action, now)
+                    self._reserve(inst, action, now)
         elif kind == "stop":
             if inst is not None:
-                if action.reason.startswith("evicted"):
+                if action.evicted_for and inst.state != DRAINING:
                     self._note_eviction(inst, action, now)
                 elif inst.state in (SLEEPING, WAKING) and self.waiting[inst.model]:
                     # A wake would have served the call in seconds; a start takes a full load.
                     self.notes["sleeping engines stopped as idle while a call for them waited"] += 1
+                self._reserve(inst, action, now)
                 self.stop(inst, now)
         else:
             # adopt / forget / mark_failed: nothing in this world should cause them.
             self.notes[f"unexpected action {kind}"] += 1
 
-    def _note_eviction(self, inst: Instance, action: Action, now: float) -> None:
-        self.evictions += 1
+    def _reserve(self, inst: Instance, action: Action, now: float) -> None:
+        """As ControlPlane: the memory an eviction frees is set aside for the model it was for."""
         if action.evicted_for and inst.gpus:
             self.reserved[action.evicted_for] = (inst.gpu_host, inst.gpus,
                                                  now + RESERVATION_SECONDS)
+            for gpu in inst.gpus:
+                self.evicted_for[(inst.gpu_host, gpu)] = action.evicted_for
+
+    def _note_eviction(self, inst: Instance, action: Action, now: float) -> None:
+        self.evictions += 1
         if inst.state == READY and now - (inst.ready_at or inst.created_at) < self.min_lifetime:
             self.notes[f"evictions of an engine ready for less than {self.min_lifetime:.0f} s"] += 1
-        if inst.inflight(now):
-            self.notes["evictions of an engine with calls in flight"] += 1
-        meant = re.match(r"evicted for (\S+) \(", action.reason)
-        if meant:
-            for gpu in inst.gpus:
-                self.evicted_for[(inst.gpu_host, gpu)] = meant.group(1)
+        if inst.inflight(now) and action.kind != "drain":
+            self.notes["evictions of an engine with calls in flight, not drained"] += 1
+        if action.kind == "sleep" or action.then == "sleep":
+            self.notes["evictions made by putting an engine to sleep"] += 1
 
 
 class SwapBaseline(World):
@@ -330,21 +372,21 @@ class SwapBaseline(World):
     def _serve_wants(self, now: float) -> None:
         for _, model in self._wants(now):
             spot = self.free_spot(model)
-            if spot is None:
+            # Like Ollama's scheduler: unload the least recently used until the model fits.
+            while spot is None:
                 if any(i.state == DRAINING for i in self.instances.values()):
-                    continue  # a swap is under way: its GPUs come free when it has drained
+                    break  # a swap is under way: its memory comes free when it has drained
                 victim = self._victim(model, now)
                 if victim is None:
-                    continue
+                    break
                 self.evictions += 1
                 if victim.inflight(now) or self._batch_busy(victim, now):
                     victim.state, victim.state_since = DRAINING, now
-                    continue
+                    break
                 self._unload(victim, now)
                 spot = self.free_spot(model)
-                if spot is None:
-                    continue
-            self.launch(model, now, spot)
+            if spot is not None:
+                self.launch(model, now, spot)
 
     def _victim(self, model: str, now: float) -> Instance | None:
         """The least recently used loaded model with nothing in flight; with `evict_busy`,
@@ -359,11 +401,13 @@ class SwapBaseline(World):
 
 class TtlBaseline(SwapBaseline):
     name = "fixed TTL 300 s (llama-swap style)"
+    key = "ttl"
     evict_busy = False
 
 
 class KeepAliveBaseline(SwapBaseline):
     name = "keep-alive 5 min + LRU (Ollama style)"
+    key = "keepalive-lru"
     evict_busy = True
 
 

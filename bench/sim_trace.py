@@ -32,6 +32,9 @@ class SimModel:
     load_seconds: float  # cold load: weights from the page cache / disk into the GPU
     wake_seconds: float = 2.0  # vLLM sleep level 1: weights back from CPU memory
     gpus: int = 1
+    # Sizes as the catalog states them (runtimes.placement); None: the model takes its GPUs whole.
+    weights_gb: float | None = None
+    kv_cache_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class BatchJob:
     lines: int
     priority: int  # 0 is the most urgent, as in Celery's Redis transport
     window: float  # seconds after submission by which every line should be done
+    # Engine slot-seconds one line takes: at 32 slots, 4 s a line is the synthetic day's 8 lines/s.
+    line_seconds: float = 4.0
 
     @property
     def deadline(self) -> float:
@@ -67,6 +72,11 @@ class Trace:
     start_hour: float = 0.0
     seed: int | None = None
     gpu_inventory: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(GPU_INVENTORY))
+    # GB of each GPU per host; empty: not known, every engine takes its GPUs whole.
+    gpu_memory: dict[str, float] = field(default_factory=dict)
+    # Sequences an engine runs at once; calls beyond wait in its FIFO queue.
+    concurrency: int = 32
+    name: str = "synthetic day"
 
     def model(self, model_id: str) -> SimModel:
         return next(m for m in self.models if m.id == model_id)

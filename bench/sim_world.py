@@ -7,10 +7,17 @@ and unload, through the hooks `on_step`, `on_waiting` and `after_arrivals`.
 
 Time advances in steps of one second, but waits are computed from exact times: an instance that
 finishes loading at 431.7 s serves the calls waiting for it from 431.7 s, and a call queued
-behind a full engine starts when a slot frees. An engine is a FIFO queue with `CONCURRENCY`
-slots; a call holds a slot for its service time. Batch lines flow at `BATCH_LINES_PER_SECOND`
-times the share of slots realtime calls leave free (realtime always first), on awake instances
+behind a full engine starts when a slot frees. An engine is a FIFO queue with `concurrency`
+slots (the trace's); a call holds a slot for its service time. Batch lines use the slots realtime
+calls leave free (realtime always first), each for its job's `line_seconds`, on awake instances
 only, most urgent job first.
+
+GPU memory is modelled as the real placer models it (`runtimes.placement`), for every policy
+alike: an instance holds its footprint on each of its GPUs (awake: weights, KV cache and
+overhead; asleep: its context), a GPU never holds more than its usable memory, and a model of
+unknown size (or a GPU of unknown memory) takes the GPU whole. GPU time is counted by the share
+of each GPU's memory an instance holds (the whole GPU when it takes it whole), so an idle 8 GB
+model beside a busy one counts as the part of the GPU it keeps from others.
 """
 
 from __future__ import annotations
@@ -20,15 +27,22 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from bench.sim_trace import BatchJob, Call, Trace
-from runtimes.placement import place
+from bench.sim_trace import BatchJob, Call, SimModel, Trace
+from runtimes.catalog import ModelSpec
+from runtimes.placement import (
+    WHOLE_GPU,
+    Footprint,
+    Held,
+    capacity,
+    fits,
+    footprint,
+    place_spec,
+)
 
 LOADING, READY, SLEEPING, WAKING, DRAINING = "loading", "ready", "sleeping", "waking", "draining"
 # Where the GPU time of an instance goes, per state (READY and DRAINING split into busy/idle).
 AWAKE = (READY, DRAINING)
 
-CONCURRENCY = 32
-BATCH_LINES_PER_SECOND = 8.0
 STEP_SECONDS = 1.0
 # After the last arrival, how long the run may go on to finish batch work and unload.
 TAIL_SECONDS = 26 * 3600.0
@@ -107,6 +121,7 @@ class Result:
     """Everything a run produced; `bench.simulate` turns it into the report."""
 
     policy: str
+    key: str
     trace: Trace
     served: dict[int, Served]
     jobs: dict[int, JobState]
@@ -118,17 +133,30 @@ class Result:
     capped: bool
     notes: Counter
     unserved: int
+    sleep_after: float | None = None  # the policy's SLEEP_AFTER_SECONDS, if it sleeps engines
+
+
+def model_spec(model: SimModel) -> ModelSpec:
+    """The catalog entry of a simulated model: vLLM with sleep mode, sized as the trace says."""
+    return ModelSpec(id=model.id, engine="vllm", gpus=model.gpus, args=("--enable-sleep-mode",),
+                     expected_start_seconds=model.load_seconds, weights_gb=model.weights_gb,
+                     kv_cache_gb=model.kv_cache_gb, fingerprint=f"sim-{model.id}")
 
 
 class World:
     """The box, its engines and the demand; subclasses are the policies."""
 
     name = "world"
+    key = "world"  # the short name of the JSON output
 
     def __init__(self, trace: Trace, *, check: bool = True):
         self.trace = trace
         self.models = {m.id: m for m in trace.models}
+        self.specs = {m.id: model_spec(m) for m in trace.models}
         self.inventory = trace.gpu_inventory
+        self.gpu_memory = dict(trace.gpu_memory)
+        self.concurrency = trace.concurrency
+        self._footprints: dict[tuple[str, str], Footprint] = {}
         self.check = check
         self.instances: dict[str, Instance] = {}
         self.waiting: dict[str, deque[Call]] = {m: deque() for m in self.models}
@@ -163,21 +191,52 @@ class World:
         self._serial += 1
         return self._serial
 
-    def used(self) -> dict[str, set[int]]:
-        used: dict[str, set[int]] = {}
+    # -- memory ----------------------------------------------------------------------------
+
+    def footprint(self, model: str, host: str) -> Footprint:
+        key = (model, host)
+        if key not in self._footprints:
+            self._footprints[key] = footprint(self.specs[model], self.gpu_memory.get(host))
+        return self._footprints[key]
+
+    def holds(self, inst: Instance) -> float:
+        """GB per GPU `inst` holds in its state (a wake under way holds the awake size)."""
+        fp = self.footprint(inst.model, inst.gpu_host)
+        return fp.asleep if inst.state == SLEEPING else fp.awake
+
+    def held(self) -> Held:
+        held: Held = {}
         for inst in self.instances.values():
-            used.setdefault(inst.gpu_host, set()).update(inst.gpus)
-        return used
+            on_host = held.setdefault(inst.gpu_host, {})
+            for gpu in inst.gpus:
+                on_host[gpu] = on_host.get(gpu, 0.0) + self.holds(inst)
+        return held
+
+    def share(self, inst: Instance) -> float:
+        """The share of each of its GPUs `inst` keeps from others: what GPU time counts."""
+        held, memory = self.holds(inst), self.gpu_memory.get(inst.gpu_host)
+        return 1.0 if held == WHOLE_GPU or not memory else min(1.0, held / memory)
+
+    def wake_fits(self, inst: Instance, held: Held | None = None) -> bool:
+        """Whether the asleep `inst`'s weights and KV cache fit back on its GPUs."""
+        fp = self.footprint(inst.model, inst.gpu_host)
+        if fp.whole:
+            return True
+        on_host = (self.held() if held is None else held).get(inst.gpu_host, {})
+        memory = self.gpu_memory.get(inst.gpu_host)
+        return all(fits(max(0.0, on_host.get(g, 0.0) - fp.asleep), fp.awake, memory)
+                   for g in inst.gpus)
 
     def free_spot(self, model: str) -> tuple[str, tuple[int, ...]] | None:
-        return place(self.models[model].gpus, self.inventory, self.used())
-
+        return place_spec(self.specs[model], self.inventory, self.gpu_memory, self.held())
 
     def launch(self, model: str, now: float, spot: tuple[str, tuple[int, ...]]) -> Instance:
         """A cold load of `model` on the GPUs of `spot`, ready after the model's load time."""
         host, gpus = spot
-        if set(gpus) & self.used().get(host, set()):
-            raise SimulationError(f"{self.name}: GPUs {gpus} of {host} given twice")
+        need = self.footprint(model, host).awake
+        on_host = self.held().get(host, {})
+        if not all(fits(on_host.get(g, 0.0), need, self.gpu_memory.get(host)) for g in gpus):
+            raise SimulationError(f"{self.name}: {model} does not fit on GPUs {gpus} of {host}")
         serial = self._next_id()
         inst = Instance(id=f"rt-{serial:05d}", model=model, gpu_host=host, gpus=gpus,
                         state=LOADING, created_at=now, state_since=now,
@@ -191,6 +250,8 @@ class World:
     def begin_wake(self, inst: Instance, now: float) -> None:
         if inst.state != SLEEPING:
             raise SimulationError(f"{self.name}: wake of {inst.id} in state {inst.state}")
+        if not self.wake_fits(inst):
+            raise SimulationError(f"{self.name}: wake of {inst.id} does not fit its GPUs")
         inst.state = WAKING
         inst.due = now + self.models[inst.model].wake_seconds
         inst.readiness = "wake"
@@ -214,20 +275,26 @@ class World:
         self.check_gpus()
 
     def check_gpus(self) -> None:
-        """No GPU held by two instances, and only GPUs of the inventory."""
+        """Only GPUs of the inventory; a GPU taken whole by one instance alone; no GPU holding
+        more than its usable memory."""
         if not self.check:
             return
-        seen: set[tuple[str, int]] = set()
+        holders: dict[tuple[str, int], list[float]] = {}
         for inst in self.instances.values():
             if len(inst.gpus) != self.models[inst.model].gpus:
                 raise SimulationError(f"{self.name}: {inst.id} holds {inst.gpus}")
             for gpu in inst.gpus:
                 key = (inst.gpu_host, gpu)
-                if key in seen:
-                    raise SimulationError(f"{self.name}: GPU {key} held by two instances")
                 if gpu not in self.inventory.get(inst.gpu_host, ()):
                     raise SimulationError(f"{self.name}: GPU {key} is not in the inventory")
-                seen.add(key)
+                holders.setdefault(key, []).append(self.holds(inst))
+        for (host, gpu), amounts in holders.items():
+            if WHOLE_GPU in amounts and len(amounts) > 1:
+                raise SimulationError(f"{self.name}: GPU {(host, gpu)} held by two instances")
+            cap = capacity(self.gpu_memory.get(host))
+            if WHOLE_GPU not in amounts and cap is not None and sum(amounts) > cap + 1e-6:
+                raise SimulationError(f"{self.name}: GPU {(host, gpu)} holds {sum(amounts):.1f} "
+                                      f"GB, more than its {cap:.1f}")
 
     def of_model(self, model: str, *states: str) -> list[Instance]:
         return [i for i in self.instances.values()
@@ -254,7 +321,7 @@ class World:
         start = max(call.arrival, inst.ready_at or call.arrival)
         while inst.slots and inst.slots[0] <= start:
             heapq.heappop(inst.slots)
-        if len(inst.slots) >= CONCURRENCY:
+        if len(inst.slots) >= self.concurrency:
             start = max(start, heapq.heappop(inst.slots))
         end = start + call.service
         heapq.heappush(inst.slots, end)
@@ -295,37 +362,39 @@ class World:
             if not queue:
                 continue
             engines = self.of_model(model, READY)
-            capacity = sum(BATCH_LINES_PER_SECOND * STEP_SECONDS
-                           * max(0, CONCURRENCY - e.running(t)) / CONCURRENCY for e in engines)
-            if capacity <= 0:
+            # Slot-seconds realtime calls leave free this step.
+            slots = sum(STEP_SECONDS * max(0, self.concurrency - e.running(t)) for e in engines)
+            if slots <= 0:
                 continue
             for engine in engines:
                 engine.batch_at = t
                 engine.last_used = max(engine.last_used, t + STEP_SECONDS)
             used = 0.0
-            while queue and used < capacity:
+            while queue and used < slots:
                 job = queue[0]
-                take = min(job.remaining, capacity - used)
+                take = min(job.remaining, (slots - used) / job.job.line_seconds)
                 job.remaining -= take
-                used += take
+                used += take * job.job.line_seconds
                 if job.remaining <= 1e-9:
                     job.remaining = 0.0
-                    job.finished_at = t + STEP_SECONDS * used / capacity
+                    job.finished_at = t + STEP_SECONDS * used / slots
                     queue.pop(0)
 
     # -- accounting ------------------------------------------------------------------------
 
     def _account(self, t: float) -> None:
         for inst in self.instances.values():
-            gpus = len(inst.gpus)
+            gpus = len(inst.gpus) * self.share(inst)
             if inst.state in (LOADING, WAKING):
-                self.gpu_seconds["loading"] += gpus * STEP_SECONDS
+                kind = "loading"
             elif inst.state == SLEEPING:
-                self.gpu_seconds["asleep"] += gpus * STEP_SECONDS
+                kind = "asleep"
             else:
                 inst.prune(t)
                 serving = inst.batch_at == t or any(s < t + STEP_SECONDS for s, _, _ in inst.calls)
-                self.gpu_seconds["busy" if serving else "idle"] += gpus * STEP_SECONDS
+                kind = "busy" if serving else "idle"
+            self.gpu_seconds[kind] += gpus * STEP_SECONDS
+            self.gpu_seconds[kind, inst.model] += gpus * STEP_SECONDS
 
     def _done(self) -> bool:
         return (not self.waiting_ids and not self.instances
@@ -357,8 +426,10 @@ class World:
             self.check_gpus()
             t = step_end
         return Result(
-            policy=self.name, trace=self.trace, served=dict(self.served), jobs=dict(self.jobs),
+            policy=self.name, key=self.key, trace=self.trace, served=dict(self.served),
+            jobs=dict(self.jobs),
             gpu_seconds=Counter(self.gpu_seconds), loads=self.loads, wakes=self.wakes,
             evictions=self.evictions, end=t, capped=t >= limit, notes=Counter(self.notes),
             unserved=len(calls) - len(self.served),
+            sleep_after=getattr(self, "sleep_after", None),
         )

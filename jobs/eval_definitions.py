@@ -14,7 +14,7 @@ from collections.abc import Callable, Container
 
 import jsonschema
 
-from tasks.eval_templates import (
+from jobs.eval_templates import (
     ROLES,
     TEXT_PARTS,
     TemplateError,
@@ -23,7 +23,7 @@ from tasks.eval_templates import (
     references,
     schema_allows,
 )
-from tasks.graders import (
+from jobs.graders import (
     GRADER_TYPES,
     JUDGE_TYPES,
     SIMILARITY_METRICS,

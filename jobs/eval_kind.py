@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-from tasks.batch_service import EngineAnswer, JobStopped
-from tasks.eval_templates import TemplateError, lookup, parse_reference, render_messages
-from tasks.graders import (
+from jobs.eval_templates import TemplateError, lookup, parse_reference, render_messages
+from jobs.graders import (
     JUDGE_TYPES,
     GraderResult,
     grade_label,
@@ -32,7 +30,8 @@ from tasks.graders import (
     grade_text,
     judge_request,
 )
-from tasks.jobstore import JobStore
+from jobs.kinds import EngineRequest, JobStopped
+from jobs.store import JobStore
 
 CHAT_URL = "/v1/chat/completions"
 
@@ -113,15 +112,18 @@ def _as_text(content) -> str:
     return ""
 
 
-class EvalRunner:
-    """The batch service's hooks for jobs of kind `eval_run`."""
+class EvalRunKind:
+    """The job kind `eval_run`: its lines are the run's items; each line's answer is graded
+    (judges are engine calls of their own) into an output item."""
 
-    def __init__(self, jobs: JobStore, items_dir: Path,
-                 request: Callable[[dict, str, str, dict], EngineAnswer]):
+    name = "eval_run"
+
+    def __init__(self, jobs: JobStore, items_dir: Path):
         self.jobs = jobs
         self.items_dir = Path(items_dir)
-        # BatchService.request: an engine call under its model's admission lease.
-        self.request = request
+
+    def started(self, job: dict) -> None:
+        return None
 
     # -- JobKind ---------------------------------------------------------------------------
 
@@ -144,8 +146,8 @@ class EvalRunner:
                 lines.append((number, line))
         return lines
 
-    def finish_line(self, job: dict, number: int, line: dict, ok: bool,
-                    payload: dict | None) -> tuple[bool, dict, dict[str, int]]:
+    def finish_line(self, job: dict, number: int, line: dict, ok: bool, payload: dict | None,
+                    request: EngineRequest) -> tuple[bool, dict, dict[str, int]]:
         tally: Counter = Counter()
         sample: dict | None = line.get("sample")
         error = line.get("error")
@@ -157,7 +159,8 @@ class EvalRunner:
         results: list[GraderResult] = []
         if error is None:
             context = {"item": line["item"], "sample": sample or {}}
-            results = [self._grade(job, c, context, tally) for c in job["testing_criteria"]]
+            results = [self._grade(job, c, context, tally, request)
+                       for c in job["testing_criteria"]]
             broken = [r.error for r in results if r.error is not None]
             if broken:
                 error = {"code": "grader_error", "message": broken[0]}
@@ -169,7 +172,7 @@ class EvalRunner:
         else:
             status = "pass" if all(r.passed for r in results) else "fail"
             tally["passed" if status == "pass" else "failed"] += 1
-        if ok and not self.jobs.redis.exists(self.jobs.key(job["id"])):
+        if ok and not self.jobs.exists(job["id"]):
             # The run was deleted while this line was at the engine: storing its result would
             # bring back a part of the run.
             raise JobStopped(job["id"])
@@ -182,22 +185,23 @@ class EvalRunner:
 
     # -- grading ---------------------------------------------------------------------------
 
-    def _grade(self, job: dict, criterion: dict, context: dict, tally: Counter) -> GraderResult:
+    def _grade(self, job: dict, criterion: dict, context: dict, tally: Counter,
+               request: EngineRequest) -> GraderResult:
         try:
             if criterion["type"] not in JUDGE_TYPES:
                 return grade_text(criterion, context)
-            request = judge_request(criterion, context)
+            judge = judge_request(criterion, context)
         except TemplateError as exc:
             return GraderResult(criterion["name"], criterion["type"], 0.0, False, None, str(exc))
         # Transient and JobStopped go up: the whole line is tried again later.
-        answer = self.request(job, criterion["model"], CHAT_URL, request)
+        answer = request(job, criterion["model"], CHAT_URL, judge)
         if answer.status >= 400:
             message = (answer.body.get("error") or {}).get("message") or f"HTTP {answer.status}"
             return GraderResult(criterion["name"], criterion["type"], 0.0, False, None,
                                 f"the judge {criterion['model']} refused: {message}")
         judged = sample_from_answer(answer.body)
         self._count_usage(tally, criterion["model"], judged["usage"])
-        judge_sample = {"input": request["messages"],
+        judge_sample = {"input": judge["messages"],
                         "output": [{"role": "assistant", "content": judged["output_text"]}],
                         "model": criterion["model"], "finish_reason": judged["finish_reason"],
                         "usage": _usage(judged["usage"])}

@@ -13,11 +13,8 @@ import uuid
 
 import redis
 
-from tasks.eval_definitions import full_schema
-from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
-
-PUBLIC_FIELDS = ("object", "id", "name", "created_at", "metadata", "data_source_config",
-                 "testing_criteria")
+from jobs.eval_definitions import full_schema
+from jobs.tenancy import DEFAULT_PROJECT, UnknownCursor
 
 
 def page_ids(client: redis.Redis, index: str, after: str | None, limit: int,
@@ -127,10 +124,7 @@ class EvalStore:
     def run_ids(self, eval_id: str) -> list[str]:
         return [i.decode() for i in self.redis.zrange(self.key(eval_id, "runs"), 0, -1)]
 
-    def runs_index(self, eval_id: str) -> str:
-        return self.key(eval_id, "runs")
-
-
-def public_eval(record: dict) -> dict:
-    """A stored eval as OpenAI's `Eval` object."""
-    return {name: record.get(name) for name in PUBLIC_FIELDS}
+    def page_runs(self, eval_id: str, after: str | None, limit: int,
+                  order: str) -> tuple[list[str], bool]:
+        """A page of the eval's run ids by creation time (UnknownCursor for a bad `after`)."""
+        return page_ids(self.redis, self.key(eval_id, "runs"), after, limit, order)

@@ -4,7 +4,7 @@ A run is a JobStore job of kind `eval_run` (statuses `queued`, `in_progress`, `c
 `canceled`, `failed`) holding a snapshot of the eval's testing criteria and item schema, so that
 editing or deleting the eval cannot change a run under way. `prepare` (a task on the `batch`
 queue) writes the run's items file from its source, checking each item against the schema, cuts
-it into chunks and sends them as the batch service's ordinary chunk messages; `EvalRunner` does
+it into chunks and sends them as ordinary chunk messages; `jobs.eval_kind.EvalRunKind` does
 the lines. Output items stay in Redis with the run (unlike a batch's results, which go to files)
 until the run or its eval is deleted; `output_items` pages through them in item order.
 """
@@ -15,23 +15,22 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tasks.batch_service import BatchLimits
-from tasks.eval_definitions import DefinitionError, item_checker, split_row
-from tasks.eval_runner import line_of, run_models
-from tasks.eval_store import EvalStore, page_ids
-from tasks.filestore import FileStore
-from tasks.jobstore import JobStore
-from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
+from jobs.eval_definitions import DefinitionError, item_checker, split_row
+from jobs.eval_kind import line_of, run_models
+from jobs.eval_store import EvalStore
+from jobs.files import FileStore
+from jobs.lifecycle import JobQueue
+from jobs.limits import BatchLimits
+from jobs.store import JobStore
+from jobs.tenancy import DEFAULT_PROJECT, UnknownCursor
 
 log = logging.getLogger(__name__)
 
 OPEN = ("queued", "in_progress")
 RUN_STATUSES = ("queued", "in_progress", "completed", "canceled", "failed")
-USAGE_FIELDS = ("invocation_count", "prompt_tokens", "completion_tokens", "total_tokens",
-                "cached_tokens")
 # How many stored results a filtered page reads at a time while looking for matches.
 SCAN_BLOCK = 500
 
@@ -47,16 +46,14 @@ class SourceError(ValueError):
 
 class EvalService:
     def __init__(self, store: EvalStore, jobs: JobStore, files: FileStore, items_dir: Path,
-                 limits: BatchLimits, enqueue_prepare: Callable[[str, int], None],
-                 enqueue_chunk: Callable[..., None]):
+                 limits: BatchLimits, queue: JobQueue):
         self.store = store
         self.jobs = jobs
         self.files = files
         self.items_dir = Path(items_dir)
         self.items_dir.mkdir(parents=True, exist_ok=True)
         self.limits = limits
-        self.enqueue_prepare = enqueue_prepare
-        self.enqueue_chunk = enqueue_chunk
+        self.queue = queue
 
     # -- evals -----------------------------------------------------------------------------
 
@@ -95,7 +92,7 @@ class EvalService:
         }, project)
         self.store.add_run(definition["id"], run_id)
         job = self.jobs.get(run_id)
-        self.enqueue_prepare(run_id, priority)
+        self.queue.send_preparation("eval_run", run_id)
         return job
 
     def _checked_rows(self, rows: Iterable[tuple[int, object]], item_schema: dict,
@@ -154,7 +151,7 @@ class EvalService:
                                {model: count for model in run_models(job)}):
             return  # cancelled meanwhile, or prepared by another delivery of the message
         for first, end, offset in chunks:
-            self.enqueue_chunk(run_id, first, end, offset, job.get("priority") or 0)
+            self.queue.send_chunk(run_id, first, end, offset, job.get("priority") or 0)
 
     def _items_from_file(self, job: dict) -> str:
         file_id = job["data_source"]["source"]["id"]
@@ -210,12 +207,11 @@ class EvalService:
 
     def list_runs(self, eval_id: str, after: str | None, limit: int, order: str,
                   status: str | None) -> tuple[list[dict], bool]:
-        index = self.store.runs_index(eval_id)
         if status is None:
-            ids, has_more = page_ids(self.jobs.redis, index, after, limit, order)
+            ids, has_more = self.store.page_runs(eval_id, after, limit, order)
             return [j for j in (self.jobs.get(i) for i in ids) if j is not None], has_more
         # Few runs per eval: filtering the whole list is cheap.
-        ids, _ = page_ids(self.jobs.redis, index, after, 1_000_000, order)
+        ids, _ = self.store.page_runs(eval_id, after, 1_000_000, order)
         jobs = [j for j in (self.jobs.get(i) for i in ids) if j and j["status"] == status]
         return jobs[:limit], len(jobs) > limit
 
@@ -226,10 +222,9 @@ class EvalService:
         """A page of the run's output items in item order. Passes and fails are both in the
         `out` results (graded), errors in `err`: a `pass`/`fail` page reads `out` in order
         until it is full."""
-        redis, key = self.jobs.redis, self.jobs.key
         which = {"error": ("err",), "pass": ("out",), "fail": ("out",)}.get(status,
                                                                              ("out", "err"))
-        numbers = sorted({int(n) for part in which for n in redis.hkeys(key(run_id, part))},
+        numbers = sorted({n for part in which for n in self.jobs.result_numbers(run_id, part)},
                          reverse=order == "desc")
         if after is not None:
             cursor = line_of(run_id, after)
@@ -256,7 +251,7 @@ class EvalService:
     def _results(self, run_id: str, numbers: list[int], which: tuple[str, ...]) -> list[dict]:
         if not numbers:
             return []
-        values = [self.jobs.redis.hmget(self.jobs.key(run_id, part), numbers) for part in which]
+        values = [self.jobs.results(run_id, part, numbers) for part in which]
         items = []
         for i in range(len(numbers)):
             raw = next((v[i] for v in values if v[i] is not None), None)
@@ -268,32 +263,3 @@ class EvalService:
 def _default_name(parsed: dict) -> str:
     kind = parsed["data_source"]["type"]
     return f"{kind} run of {parsed['model']}" if parsed["model"] else f"{kind} run"
-
-
-def run_object(job: dict, tally: dict[str, int]) -> dict:
-    """A stored run as OpenAI's `EvalRun` (`report_url` is the web app's to fill in)."""
-    errored = job.get("failed") or 0
-    passed, failed = tally.get("passed", 0), tally.get("failed", 0)
-    usage: dict[str, dict] = {}
-    for field, value in tally.items():
-        if field.startswith("usage:"):
-            model, _, name = field.removeprefix("usage:").rpartition(":")
-            usage.setdefault(model, dict.fromkeys(USAGE_FIELDS, 0))[name] = value
-    return {
-        "object": "eval.run", "id": job["id"], "eval_id": job["eval_id"], "name": job["name"],
-        "model": job.get("model"), "status": job["status"], "created_at": job["created_at"],
-        "data_source": job["data_source"], "metadata": job.get("metadata"),
-        "error": job.get("error"),
-        "result_counts": {"total": passed + failed + errored, "passed": passed,
-                          "failed": failed, "errored": errored},
-        "per_testing_criteria_results": [
-            {"testing_criteria": criterion["name"],
-             "passed": tally.get(f"criterion:{index}:passed", 0),
-             "failed": tally.get(f"criterion:{index}:failed", 0)}
-            for index, criterion in enumerate(job["testing_criteria"])
-        ],
-        "per_model_usage": [{"model_name": model, **counts}
-                            for model, counts in sorted(usage.items())],
-        "report_url": None,
-    }
-

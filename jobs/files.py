@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import redis
 
-from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
+from jobs.tenancy import DEFAULT_PROJECT, UnknownCursor
 
 BLOCK = 1024 * 1024
 

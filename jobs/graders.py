@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from tasks.eval_templates import render, render_messages
+from jobs.eval_templates import render, render_messages
 
 STRING_CHECK_OPERATIONS = ("eq", "ne", "like", "ilike")
 ROUGE_METRICS = {f"rouge_{n}": f"rouge{n}" for n in range(1, 6)} | {"rouge_l": "rougeL"}

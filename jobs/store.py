@@ -17,18 +17,45 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from enum import StrEnum
 from typing import NamedTuple
 
 import redis
 
-from tasks.tenancy import DEFAULT_PROJECT, UnknownCursor
+from jobs.tenancy import DEFAULT_PROJECT, UnknownCursor
 
 KINDS = ("batch", "completion", "eval_run")
 
+
+
+class JobStatus(StrEnum):
+    """Every status a job may have. A batch: validating → in_progress → finalizing →
+    completed (or failed, cancelling → cancelled, expiring → expired); a single completion:
+    queued → running → succeeded or failed (or cancelled); an eval run: queued → in_progress →
+    completed or failed (or canceled, OpenAI's spelling for runs)."""
+
+    VALIDATING = "validating"
+    QUEUED = "queued"
+    RUNNING = "running"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    EXPIRING = "expiring"
+    COMPLETED = "completed"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+# Statuses in which a job's lines are run.
+RUNNING_STATUSES = (JobStatus.IN_PROGRESS, JobStatus.RUNNING, JobStatus.QUEUED)
 # Statuses in which a job still takes line results. Once it is finalizing or final, a late
 # duplicate of a chunk (a redelivered message, a re-sent stalled chunk) must change nothing:
 # its results were written out and its counts are final.
-OPEN_STATUSES = ("queued", "running", "in_progress", "cancelling", "expiring")
+OPEN_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.IN_PROGRESS,
+                 JobStatus.CANCELLING, JobStatus.EXPIRING)
 
 # KEYS: out, err, job, pending, job's remaining, job's tally. ARGV: now, then five per line:
 # line, payload, ok ("1"/"0"), the models it counted against (newline-separated), tally (a JSON
@@ -184,6 +211,23 @@ class JobStore:
         job["project"] = job.get("project") or DEFAULT_PROJECT
         return job if project is None or job["project"] == project else None
 
+    def status(self, job_id: str) -> str | None:
+        raw = self.redis.hget(self.key(job_id), "status")
+        return raw.decode() if raw else None
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.key(job_id)))
+
+    def open_count(self) -> int:
+        """Jobs not yet in a final state."""
+        return int(self.redis.zcard(f"{self.prefix}:jobs:open"))
+
+    def migrated(self, name: str) -> bool:
+        return bool(self.redis.exists(f"{self.prefix}:migrated:{name}"))
+
+    def mark_migrated(self, name: str) -> None:
+        self.redis.set(f"{self.prefix}:migrated:{name}", "1")
+
     def adopt_unprojected(self) -> int:
         """Give every job stored before projects existed to `default` (idempotent); how many."""
         adopted = 0
@@ -267,6 +311,18 @@ class JobStore:
                   self.key(job_id, "tally")],
             args=args)
         return [bool(flag) for flag in stored]
+
+    def result_count(self, job_id: str, which: str) -> int:
+        """Results stored of the job: `out` (succeeded) or `err` (failed)."""
+        return int(self.redis.hlen(self.key(job_id, which)))
+
+    def result_numbers(self, job_id: str, which: str) -> list[int]:
+        """The line numbers of the job's stored results (`out` or `err`)."""
+        return [int(n) for n in self.redis.hkeys(self.key(job_id, which))]
+
+    def results(self, job_id: str, which: str, numbers: list[int]) -> list[bytes | None]:
+        """The stored results of these lines (`out` or `err`), None where there is none."""
+        return self.redis.hmget(self.key(job_id, which), numbers) if numbers else []
 
     def tally(self, job_id: str) -> dict[str, int]:
         raw = self.redis.hgetall(self.key(job_id, "tally"))

@@ -37,6 +37,8 @@ class ModelSpec:
     cold_start_hold_seconds: float | None = None
     sleep_after_seconds: float | None = None
     weights_gb: float | None = None
+    # KV cache to give the engine, GB over all its GPUs; None: a share of weights_gb (placement).
+    kv_cache_gb: float | None = None
     min_replicas: int = 0
     max_replicas: int = 1
     max_concurrency: int | None = None  # sequences the engine runs at once; None: its default
@@ -91,6 +93,7 @@ class _EntrySchema(Schema):
     )
     sleep_after_seconds = fields.Float(load_default=None, validate=validate.Range(min=0))
     weights_gb = fields.Float(load_default=None, validate=validate.Range(min=0))
+    kv_cache_gb = fields.Float(load_default=None, validate=validate.Range(min=0))
     min_replicas = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
     max_replicas = fields.Integer(load_default=1, validate=validate.Range(min=1, max=64))
     # Sequences the engine runs at once (vLLM --max-num-seqs, SGLang --max-running-requests);
@@ -174,6 +177,7 @@ class ModelCatalog:
                     cold_start_hold_seconds=entry["cold_start_hold_seconds"],
                     sleep_after_seconds=entry["sleep_after_seconds"],
                     weights_gb=entry["weights_gb"],
+                    kv_cache_gb=entry["kv_cache_gb"],
                     min_replicas=entry["min_replicas"],
                     max_replicas=entry["max_replicas"],
                     max_concurrency=entry["max_concurrency"],

@@ -17,10 +17,20 @@ import redis
 
 from runtimes.backends.base import Backend, BackendError, Observed
 from runtimes.catalog import ModelCatalog, ModelSpec
-from runtimes.engines import engine_for
-from runtimes.placement import Inventory, place, used_gpus, with_reservations
+from runtimes.engines import Engine, engine_for
+from runtimes.keepalive import HISTORY_SECONDS, ArrivalHistory
+from runtimes.placement import (
+    GpuMemory,
+    Inventory,
+    fits,
+    footprint,
+    held_memory,
+    place_spec,
+    with_reservations,
+)
 from runtimes.policy import MAX_FAILED_STARTS, Action, Snapshot, batch_caps, plan
 from runtimes.registry import (
+    ARRIVAL_BUCKET_SECONDS,
     DRAINING,
     FAILED,
     LIVE_STATES,
@@ -59,9 +69,19 @@ class ControlPlane:
         arrivals_window: float = 300.0,
         batch_pending: Callable[[], dict[str, int]] | None = None,
         batch_per_runtime: int = 64,
+        weights=None,
+        on_started: Callable[[str, str, float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        pause: Callable[[float], None] = time.sleep,
+        engines: Callable[[ModelSpec], Engine] = engine_for,
+        gpu_memory: GpuMemory | None = None,
     ):
         self.catalog = catalog
         self.registry = registry
+        # The time, a pause, and the engine of a model: real ones, or a test's fakes.
+        self.clock = clock
+        self.pause = pause
+        self.engines = engines
         self.redis: redis.Redis = registry.redis
         self.backend = backend
         self.default_idle_timeout = default_idle_timeout
@@ -70,6 +90,11 @@ class ControlPlane:
         self.stop_grace = stop_grace
         self.restart_backoff_base = restart_backoff_base
         self.gpu_inventory = gpu_inventory or {}
+        # GB of each GPU per host: engines share a GPU when they fit (runtimes.placement).
+        self.gpu_memory = gpu_memory or {}
+        # Each model's arrival buckets, read from the registry as they fill (runtimes.keepalive).
+        self.history = ArrivalHistory(bucket_seconds=ARRIVAL_BUCKET_SECONDS)
+        self._history_read_to: int | None = None
         self.sleep_after_seconds = sleep_after_seconds
         self.scale_out_waiting = scale_out_waiting
         self.min_lifetime = min_lifetime
@@ -80,10 +105,10 @@ class ControlPlane:
         # How the tick asks for a start without waiting for it (a Celery task in production).
         self.request_start = request_start or self.ensure_running
         # Told (model, "cold" | "wake", seconds) when an instance became ready: metrics, charts.
-        self.on_started: Callable[[str, str, float], None] | None = None
+        self.on_started = on_started
         # Keeper of model weights (runtimes.weights.ModelWeights): asked before a start claims
         # GPUs, it answers False while the weights are still being downloaded.
-        self.weights = None
+        self.weights = weights
 
     # -- starting ------------------------------------------------------------------------
 
@@ -105,6 +130,8 @@ class ControlPlane:
             return None
         asleep = [r for r in self.registry.for_model(model) if r.state == SLEEPING]
         if asleep and not any(r.state in (READY, STARTING) for r in self.registry.for_model(model)):
+            if not self._claim_wake(spec, asleep[0]):
+                return None  # its memory is taken: the autoscaler makes room, or not
             return self.wake(asleep[0].id)
         if self.weights is not None and not self.weights.prepare_for_start(spec):
             return None  # asked again by the download's end or the next tick
@@ -128,18 +155,22 @@ class ControlPlane:
                     and r.state in LIVE_STATES and r.state != DRAINING]
             if len(live) >= replicas:
                 return None
+            meta = {}
             if self.gpu_inventory:
-                taken = with_reservations(used_gpus(records), self.registry.reservations(),
-                                          spec.id)
-                spot = place(spec.gpus, self.gpu_inventory, taken)
+                spot = place_spec(spec, self.gpu_inventory, self.gpu_memory,
+                                  self._taken(records, spec.id))
                 if spot is None:
-                    log.info("no free GPUs for %s yet: the autoscaler will make room", spec.id)
+                    log.info("no room for %s yet: the autoscaler will make room", spec.id)
                     return None
                 gpu_host, gpus = spot
                 self.registry.release_reservation(spec.id)
+                # Its share of each GPU, so engines side by side stay within the GPU.
+                fraction = footprint(spec, self.gpu_memory.get(gpu_host)).fraction
+                if gpus and fraction is not None:
+                    meta["memory_fraction"] = fraction
             else:
                 gpu_host, gpus = "local", ()
-            now = time.time()
+            now = self.clock()
             record = RuntimeRecord(
                 id=f"rt-{uuid.uuid4().hex[:12]}",
                 model=spec.id,
@@ -154,16 +185,53 @@ class ControlPlane:
                 created_at=now,
                 state_since=now,
                 reason="cold start",
+                meta=meta,
             )
             self.registry.create(record)
             return record
         finally:
             lock.release()
 
-    def _launch_and_wait(self, spec: ModelSpec, record: RuntimeRecord) -> RuntimeRecord | None:
-        engine = engine_for(spec)
+    def _taken(self, records: list[RuntimeRecord], model: str):
+        """Memory held on each GPU, plus what is set aside for other models."""
+        catalog = {s.id: s for s in self.catalog}
+        return with_reservations(held_memory(records, catalog, self.gpu_memory),
+                                 self.registry.reservations(), model, catalog, self.gpu_memory)
+
+    def _claim_wake(self, spec: ModelSpec, asleep: RuntimeRecord) -> bool:
+        """Whether the asleep instance's memory is free again, claimed under the placement
+        lock (marked waking, it counts as awake for every placement from now on)."""
+        fp = footprint(spec, self.gpu_memory.get(asleep.gpu_host))
+        if not self.gpu_inventory or fp.whole:
+            return True  # it kept its GPUs whole while asleep
+        lock = self.redis.lock(self.registry.key("lock", "placement"), timeout=30,
+                               blocking_timeout=10)
+        if not lock.acquire():
+            return False
         try:
-            started = self.backend.start(record.id, spec, engine, record.gpus, record.gpu_host)
+            records = self.registry.all()
+            taken = self._taken(records, spec.id).get(asleep.gpu_host, {})
+            memory = self.gpu_memory.get(asleep.gpu_host)
+            if not all(fits(max(0.0, taken.get(g, 0.0) - fp.asleep), fp.awake, memory)
+                       for g in asleep.gpus):
+                log.info("no room to wake %s yet: the autoscaler will make room", asleep.id)
+                return False
+            claimed = self.registry.transition(
+                asleep.id, (SLEEPING,), meta={**asleep.meta, "waking": self.clock()})
+            if claimed is not None:
+                self.registry.release_reservation(spec.id)
+            return claimed is not None
+        finally:
+            lock.release()
+
+    def _launch_and_wait(self, spec: ModelSpec, record: RuntimeRecord) -> RuntimeRecord | None:
+        engine = self.engines(spec)
+        try:
+            fraction = record.meta.get("memory_fraction")
+            # Given only when the engine shares its GPUs (a backend need not know of it else).
+            extra = {"memory_fraction": fraction} if fraction is not None else {}
+            started = self.backend.start(record.id, spec, engine, record.gpus, record.gpu_host,
+                                         **extra)
         except BackendError as exc:
             return self._fail(record, None, str(exc))
         record = self.registry.transition(
@@ -173,7 +241,7 @@ class ControlPlane:
         if record is None:  # stopped by someone else meanwhile
             return None
         deadline = record.created_at + (spec.start_timeout_seconds or self.start_timeout)
-        while time.time() < deadline:
+        while self.clock() < deadline:
             if engine.probe(record.endpoint, spec.id):
                 return self._mark_ready(spec, record)
             inst = self._observe(record.handle)
@@ -183,12 +251,12 @@ class ControlPlane:
             current = self.registry.get(record.id)
             if current is None or current.state != STARTING:
                 return current
-            time.sleep(PROBE_INTERVAL_SECONDS)
+            self.pause(PROBE_INTERVAL_SECONDS)
         self._stop_quietly(record)
         return self._fail(record, None, f"not ready within {deadline - record.created_at:.0f} s")
 
     def _mark_ready(self, spec: ModelSpec, record: RuntimeRecord) -> RuntimeRecord | None:
-        now = time.time()
+        now = self.clock()
         ready = self.registry.transition(record.id, (STARTING,), state=READY, ready_at=now,
                                          reason="readiness probe passed")
         if ready is not None:
@@ -216,11 +284,11 @@ class ControlPlane:
             return None
         count = self.registry.note_failed_start(record.model, {
             "instance": record.id, "exit_code": exit_code, "reason": reason,
-            "last_logs": logs, "at": time.time(),
+            "last_logs": logs, "at": self.clock(),
         })
         log.error("%s for %s failed (%d in a row): %s", record.id, record.model, count, reason)
         self.registry.record_decisions([{
-            "at": time.time(), "action": "mark_failed", "model": record.model,
+            "at": self.clock(), "action": "mark_failed", "model": record.model,
             "instance": record.id, "reason": reason,
         }])
         return None
@@ -228,28 +296,32 @@ class ControlPlane:
     # -- sleep mode ----------------------------------------------------------------------
 
     def sleep(self, instance_id: str, reason: str) -> RuntimeRecord | None:
+        """Put a ready engine to sleep, or a drained one an eviction wants asleep."""
         record = self.registry.get(instance_id)
         spec = self.catalog.get(record.model) if record else None
-        if record is None or spec is None or record.state != READY:
+        if record is None or spec is None or record.state not in (READY, DRAINING):
             return None
-        if not engine_for(spec).sleep(record.endpoint):
+        if not self.engines(spec).sleep(record.endpoint):
             log.warning("%s would not sleep; leaving it awake", instance_id)
             return None
-        return self.registry.transition(instance_id, (READY,), state=SLEEPING, reason=reason)
+        meta = {k: v for k, v in record.meta.items() if k not in ("waking", "then")}
+        return self.registry.transition(instance_id, (READY, DRAINING), state=SLEEPING,
+                                        reason=reason, meta=meta)
 
     def wake(self, instance_id: str) -> RuntimeRecord | None:
         record = self.registry.get(instance_id)
         spec = self.catalog.get(record.model) if record else None
         if record is None or spec is None or record.state != SLEEPING:
             return None
-        started = time.time()
-        if not engine_for(spec).wake(record.endpoint):
+        started = self.clock()
+        if not self.engines(spec).wake(record.endpoint):
             log.warning("%s did not wake; stopping it for a fresh start", instance_id)
             self.stop_instance(instance_id, "failed to wake up")
             return None
-        now = time.time()
+        now = self.clock()
+        meta = {k: v for k, v in record.meta.items() if k != "waking"}
         woken = self.registry.transition(instance_id, (SLEEPING,), state=READY, ready_at=now,
-                                         reason="woken up")
+                                         reason="woken up", meta=meta)
         if woken is not None:
             self.registry.record_start_duration(spec.id, now - started, kind="wake")
             if self.on_started is not None:
@@ -288,7 +360,7 @@ class ControlPlane:
     # -- the loop ------------------------------------------------------------------------
 
     def snapshot(self, now: float | None = None) -> Snapshot:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         records = self.registry.all()
         failures = self.registry.failed_starts()
         last_failure_at = {}
@@ -313,13 +385,41 @@ class ControlPlane:
             arrivals=self.registry.arrivals(self.arrivals_window, now),
             batch_pending=pending,
             engine_load=self._engine_load(records),
-            can_sleep=frozenset(s.id for s in self.catalog if engine_for(s).can_sleep(s)),
+            can_sleep=frozenset(s.id for s in self.catalog if self.engines(s).can_sleep(s)),
             sleep_after_seconds=self.sleep_after_seconds,
             scale_out_waiting=self.scale_out_waiting,
             min_lifetime=self.min_lifetime,
             reservations=self.registry.reservations(now),
             **self.weights_not_ready(records, {*demand, *pending}),
+            gpu_memory=self.gpu_memory,
+            arrivals_window=self.arrivals_window,
+            demand_since=self.registry.demand_since(),
+            history=self._call_history(now),
+            start_seconds=self._medians("cold"),
+            wake_seconds=self._medians("wake"),
         )
+
+    def _call_history(self, now: float):
+        """Each model's idle periods, from the arrival buckets read since the last pass (all of
+        the history's span at the first); the current bucket is read again as it fills."""
+        last = int(now // ARRIVAL_BUCKET_SECONDS)
+        first = self._history_read_to
+        if first is None:
+            first = last - int(HISTORY_SECONDS // ARRIVAL_BUCKET_SECONDS)
+        for bucket, counts in self.registry.arrival_buckets(first, last).items():
+            for model in counts:
+                self.history.add(model, bucket)
+        self._history_read_to = last
+        return self.history.snapshot(now)
+
+    def _medians(self, kind: str) -> dict[str, float]:
+        """Median observed start (or wake-up) seconds per model, where any were observed."""
+        medians = {}
+        for spec in self.catalog:
+            seconds = self.registry.median_start_seconds(spec.id, kind=kind)
+            if seconds is not None:
+                medians[spec.id] = seconds
+        return medians
 
     def weights_not_ready(self, records: list[RuntimeRecord],
                            asked: set[str]) -> dict[str, frozenset[str]]:
@@ -346,7 +446,7 @@ class ControlPlane:
         for record in records:
             spec = self.catalog.get(record.model)
             if record.state == READY and spec is not None:
-                load = engine_for(spec).load(record.endpoint)
+                load = self.engines(spec).load(record.endpoint)
                 if load is not None:
                     loads[record.id] = load
         return loads
@@ -365,6 +465,8 @@ class ControlPlane:
                 self._carry_out(action)
                 decisions.append({"at": snapshot.now, **action.describe()})
             self._probe_starting()
+            if self.weights is not None:
+                self.weights.refresh_residency()  # for the web's cache and prime views
             self.registry.set_batch_caps(
                 batch_caps(snapshot, self.registry.batch_caps(), self.batch_per_runtime)
             )
@@ -387,7 +489,7 @@ class ControlPlane:
         for record in self.registry.all():
             spec = self.catalog.get(record.model)
             if record.state == STARTING and record.port and spec is not None:
-                if engine_for(spec).probe(record.endpoint, spec.id, timeout=1.0):
+                if self.engines(spec).probe(record.endpoint, spec.id, timeout=1.0):
                     self._mark_ready(spec, record)
 
     def _carry_out(self, action: Action) -> None:
@@ -397,11 +499,13 @@ class ControlPlane:
         elif action.kind == "wake":
             self.request_start(action.model, 1)  # ensure_running wakes a sleeping instance
         elif action.kind == "sleep":
-            self.sleep(action.instance_id, action.reason)
+            record = self.sleep(action.instance_id, action.reason)
+            self._reserve_for(action, record)  # an eviction that keeps the engine's context
         elif action.kind == "drain":
             record = self.registry.transition(action.instance_id, (READY,), state=DRAINING,
                                               reason=action.reason,
-                                              meta={"evicted_for": action.evicted_for})
+                                              meta={"evicted_for": action.evicted_for,
+                                                    "then": action.then})
             self._reserve_for(action, record)
         elif action.kind == "stop":
             self._reserve_for(action, self.registry.get(action.instance_id))
@@ -414,7 +518,7 @@ class ControlPlane:
             self.registry.remove(action.instance_id)
         elif action.kind == "adopt":
             inst = action.observed
-            now = time.time()
+            now = self.clock()
             self.registry.create(RuntimeRecord(
                 id=inst.instance_id, model=inst.model, engine=inst.engine,
                 backend=self.backend.name, state=STARTING, host=inst.host, port=inst.port,

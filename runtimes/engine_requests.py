@@ -1,17 +1,14 @@
-"""Marshmallow schemas of the request bodies the gateway checks before forwarding.
+"""Marshmallow schemas of the engine request bodies the gateway checks before sending them.
 
 The gateway checks what it must understand (the model, token bounds, the stream flag, the shape
 of prompts and messages); every other OpenAI or engine-specific field passes through untouched
-(`unknown = INCLUDE`), since the engine is the authority on its own sampling parameters.
+(`unknown = INCLUDE`), since the engine is the authority on its own sampling parameters. The
+realtime API (webapp.realtime) and a batch's validation (jobs.lifecycle) use the same schemas.
 """
 
 from __future__ import annotations
 
-import json
-
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
-
-from webapp.errors import APIError
 
 MAX_TOKENS_LIMIT = 1_000_000
 
@@ -74,12 +71,3 @@ def check_engine_body(endpoint: str, body: dict) -> None:
     if errors:
         field, messages = next(iter(sorted(errors.items())))
         raise ValueError(f"'{field}': {messages[0] if isinstance(messages, list) else messages}")
-
-
-def validate_body(schema: Schema, body: dict) -> None:
-    """Raise a 400 naming the first bad field."""
-    errors = schema.validate(body)
-    if errors:
-        field, messages = next(iter(sorted(errors.items())))
-        message = messages[0] if isinstance(messages, list) else json.dumps(messages)
-        raise APIError(400, f"'{field}': {message}", code="invalid_value", param=field)

@@ -41,12 +41,25 @@ class Launch:
     port: int
 
 
+def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of `flag` in `args` (`--flag V` or `--flag=V`), or None."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 class Engine:
     name = ""
     # Metric names of the engine's queue (waiting, running) and KV-cache use.
     metric_names: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = ((), (), ())
     # The flag that sets how many sequences the engine runs at once.
     concurrency_flag = ""
+    # The flag that caps the engine's share of each GPU's memory (weights, KV cache and the
+    # rest), so that engines placed side by side on one GPU stay within it.
+    memory_flag = ""
 
     def can_sleep(self, spec: ModelSpec) -> bool:
         return False
@@ -76,12 +89,31 @@ class Engine:
             return []
         return [self.concurrency_flag, str(spec.max_concurrency)]
 
+    def memory_fraction(self, spec: ModelSpec) -> float | None:
+        """The share of each GPU's memory the catalog's engine_args give the engine, if any:
+        the operator's figure, which placement then respects."""
+        value = _flag_value(spec.args, self.memory_flag) if self.memory_flag else None
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    def memory_args(self, spec: ModelSpec, fraction: float | None) -> list[str]:
+        """The memory flag for the fraction placement computed, unless engine_args set it."""
+        if fraction is None or not self.memory_flag or self.memory_fraction(spec) is not None:
+            return []
+        return [self.memory_flag, f"{fraction:.2f}"]
+
     def argv(self, spec: ModelSpec, host: str, port: int, *, in_container: bool) -> list[str]:
         raise NotImplementedError
 
-    def launch(self, spec: ModelSpec, host: str, port: int, *, in_container: bool) -> Launch:
+    def launch(self, spec: ModelSpec, host: str, port: int, *, in_container: bool,
+               memory_fraction: float | None = None) -> Launch:
+        """What runs one instance; `memory_fraction` is its share of each GPU's memory when it
+        shares GPUs with others (None: the engine's own default, a GPU to itself)."""
+        argv = self.argv(spec, host, port, in_container=in_container)
         return Launch(
-            argv=tuple(self.argv(spec, host, port, in_container=in_container)),
+            argv=tuple(argv + self.memory_args(spec, memory_fraction)),
             env=dict(spec.env),
             port=port,
         )
@@ -137,6 +169,7 @@ class VllmEngine(Engine):
 
     name = "vllm"
     concurrency_flag = "--max-num-seqs"
+    memory_flag = "--gpu-memory-utilization"
     metric_names = (
         ("vllm:num_requests_waiting",),
         ("vllm:num_requests_running",),
@@ -161,8 +194,9 @@ class VllmEngine(Engine):
         args += self.concurrency_args(spec) + list(spec.args)
         return args if in_container else ["vllm", "serve", *args]
 
-    def launch(self, spec, host, port, *, in_container):
-        launch = super().launch(spec, host, port, in_container=in_container)
+    def launch(self, spec, host, port, *, in_container, memory_fraction=None):
+        launch = super().launch(spec, host, port, in_container=in_container,
+                                memory_fraction=memory_fraction)
         if "--enable-sleep-mode" in spec.args:
             # The /sleep and /wake_up endpoints exist only in vLLM's dev mode.
             launch.env.setdefault("VLLM_SERVER_DEV_MODE", "1")
@@ -172,6 +206,8 @@ class VllmEngine(Engine):
 class SglangEngine(Engine):
     name = "sglang"
     concurrency_flag = "--max-running-requests"
+    # Weights and KV cache pool, as a share of the GPU's memory.
+    memory_flag = "--mem-fraction-static"
     metric_names = (
         ("sglang:num_queue_reqs",),
         ("sglang:num_running_reqs",),
@@ -199,6 +235,8 @@ class SimEngine(Engine):
     name = "sim"
     metric_names = VllmEngine.metric_names
     concurrency_flag = "--max-concurrency"
+    # Accepted like vLLM's, so placement is exercised end to end; the sim holds no GPU memory.
+    memory_flag = "--gpu-memory-utilization"
 
     def can_sleep(self, spec):
         return True

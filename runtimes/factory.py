@@ -16,7 +16,7 @@ from runtimes.backends.process import ProcessBackend
 from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
 from runtimes.downloads import DownloadConfig
-from runtimes.inventory import gpus_by_host, load_inventory
+from runtimes.inventory import gpu_memory, gpus_by_host, load_inventory
 from runtimes.registry import RuntimeRegistry
 from runtimes.storage import GB, default_prime_budget
 from runtimes.weights import ModelWeights, WeightsConfig
@@ -37,10 +37,17 @@ def make_backend(settings: Settings) -> Backend:
         env = {"HF_HOME": str(settings.hf_home)}
         if settings.hf_token:
             env["HF_TOKEN"] = settings.hf_token
-        return ProcessBackend(settings.runtime_state_dir, host=settings.runtime_host, base_env=env)
+        return ProcessBackend(settings.runtime_state_dir, host=settings.runtime_host, base_env=env,
+                              path_prepend=vllm_bin(settings))
     from runtimes.backends.docker import DockerBackend  # only where Docker is used
 
     return DockerBackend.from_settings(settings)
+
+
+def vllm_bin(settings: Settings) -> tuple[str, ...]:
+    """The vLLM venv's bin/ for the engines' PATH: `vllm serve` there runs the CPU build of
+    `make vllm-venv` (or any venv VLLM_VENV names) without touching the orchestrator's PATH."""
+    return (str(settings.vllm_venv / "bin"),) if settings.vllm_venv else ()
 
 
 def gpu_inventory(settings: Settings) -> dict[str, tuple[int, ...]]:
@@ -52,12 +59,21 @@ def gpu_inventory(settings: Settings) -> dict[str, tuple[int, ...]]:
 def build_control_plane(
     settings: Settings,
     client: redis.Redis | None = None,
-    request_start: Callable[[str], None] | None = None,
+    request_start: Callable[[str, int], None] | None = None,
+    *,
+    request_download: Callable[[str, bool], None] | None = None,
+    batch_pending: Callable[[], dict[str, int]] | None = None,
+    on_started: Callable[[str, str, float], None] | None = None,
+    registry: RuntimeRegistry | None = None,
 ) -> ControlPlane:
+    """The control plane with every hook given: without them, starts and downloads run in
+    this process (the command line)."""
     client = client or make_redis(settings)
-    control = ControlPlane(
-        ModelCatalog.from_file(settings.model_catalog_file, settings.runtime_type),
-        RuntimeRegistry(client),
+    catalog = ModelCatalog.from_file(settings.model_catalog_file, settings.runtime_type)
+    registry = registry or RuntimeRegistry(client)
+    return ControlPlane(
+        catalog,
+        registry,
         make_backend(settings),
         default_idle_timeout=settings.idle_timeout_seconds,
         start_timeout=settings.start_timeout_seconds,
@@ -70,15 +86,20 @@ def build_control_plane(
         min_lifetime=settings.min_lifetime_seconds,
         batch_per_runtime=settings.batch_max_inflight_per_runtime,
         gpu_inventory=gpu_inventory(settings),
+        gpu_memory=gpu_memory(settings, load_inventory(settings)),
+        batch_pending=batch_pending,
+        on_started=on_started,
+        weights=build_model_weights(settings, client, catalog, registry, request_download),
     )
-    control.weights = build_model_weights(settings, client, control.catalog, control.registry)
-    return control
 
 
 def build_model_weights(settings: Settings, client: redis.Redis, catalog: ModelCatalog,
-                        registry: RuntimeRegistry) -> ModelWeights:
+                        registry: RuntimeRegistry,
+                        request_download: Callable[[str, bool], None] | None = None,
+                        ) -> ModelWeights:
     budget = settings.prime_budget_gb
     download = DownloadConfig(settings.hf_home, settings.hf_endpoint, settings.hf_token,
                               int(settings.download_disk_margin_gb * GB))
     prime_budget = default_prime_budget() if budget is None else int(budget * GB)
-    return ModelWeights(WeightsConfig(download, prime_budget), client, catalog, registry)
+    return ModelWeights(WeightsConfig(download, prime_budget), client, catalog, registry,
+                        request_download)

@@ -4,155 +4,31 @@ One `GpuHost` per machine. The docker backend holds one Docker client per host, 
 picks a host and GPUs from the same list, so both agree on what exists. The process backend has
 one host, "local", with the GPUs of `GPUS`.
 
-`DOCKER_HOSTS` is a JSON list (inline, or the path of a file holding it):
+The settings that describe the hosts (`DOCKER_HOSTS`, `GPUS`) are parsed by `config.hosts`.
 
-    [{"name": "gpu1", "url": "tcp://gpu1.internal:2376", "address": "10.0.0.11",
-      "gpus": [0, 1, 2, 3], "tls": {"ca": "/certs/ca.pem", "cert": "/certs/cert.pem",
-                                    "key": "/certs/key.pem"}}]
-
-`url` is the Docker Engine API (`unix://` locally, `tcp://` with TLS remotely); `address` is
-where the web app reaches ports published on that host; `bind` (optional) is the host interface
-published ports listen on: by default `address` when that is an IP address, else all interfaces.
-The parsers raise marshmallow's `ValidationError`, which `load_settings` turns into a
-`SettingsError` naming the variable.
+GPU memory, by which several engines share a GPU when they fit (`runtimes.placement`), is
+`GPU_MEMORY_GB` for every host, else on the local host what nvidia-smi reports (the smallest
+GPU's, so that a placement fits every one of them); a container has no nvidia-smi, so set it
+there. Where it is not known, each engine takes its GPUs whole.
 """
 
 from __future__ import annotations
 
 import functools
-import ipaddress
-import json
 import logging
-import re
 import shutil
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from config.hosts import DEFAULT_DOCKER_URL, LOCAL_HOST, GpuHost, TlsFiles
+
+__all__ = ["DEFAULT_DOCKER_URL", "LOCAL_HOST", "GpuHost", "TlsFiles", "detect_gpu_memory",
+           "detect_gpus", "gpu_memory", "gpus_by_host", "load_inventory", "parse_gpu_memory"]
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
 log = logging.getLogger(__name__)
-
-LOCAL_HOST = "local"
-DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
-# A host name goes into container labels and backend handles ("<host>/<container id>").
-_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DOCKER_URL = re.compile(r"^(unix|tcp|ssh|https?)://.+")
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Client certificate and key, and the CA that signed the remote Docker engine's certificate."""
-
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-
-
-@dataclass(frozen=True)
-class GpuHost:
-    name: str
-    url: str
-    address: str
-    gpus: tuple[int, ...] = ()
-    tls: TlsFiles | None = None
-    bind: str = ""
-
-    @property
-    def bind_address(self) -> str:
-        """The interface ports published on this host listen on."""
-        if self.bind:
-            return self.bind
-        try:
-            ipaddress.ip_address(self.address)
-        except ValueError:
-            return "0.0.0.0"  # a DNS name: which interface it resolves to is not known here
-        return self.address
-
-
-class _TlsSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    ca = fields.String(load_default=None)
-    cert = fields.String(load_default=None)
-    key = fields.String(load_default=None)
-
-    @validates_schema
-    def _pair(self, data, **kwargs):
-        if bool(data.get("cert")) != bool(data.get("key")):
-            raise ValidationError("cert and key go together")
-
-
-class _HostSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    name = fields.String(required=True, validate=validate.Regexp(_HOST_NAME))
-    url = fields.String(
-        required=True,
-        validate=validate.Regexp(_DOCKER_URL, error="a Docker URL: unix://, tcp:// or ssh://"),
-    )
-    address = fields.String(required=True, validate=validate.Length(min=1))
-    gpus = fields.List(fields.Integer(strict=True, validate=validate.Range(min=0)),
-                       load_default=list)
-    tls = fields.Nested(_TlsSchema, load_default=None)
-    bind = fields.String(load_default="")
-
-    @validates_schema
-    def _unique_gpus(self, data, **kwargs):
-        if len(set(data["gpus"])) != len(data["gpus"]):
-            raise ValidationError("a GPU id is listed twice", "gpus")
-
-
-def parse_docker_hosts(raw: str | None) -> tuple[GpuHost, ...]:
-    """DOCKER_HOSTS: a JSON list of hosts, inline or in a file; empty means the default host."""
-    text = (raw or "").strip()
-    if not text:
-        return ()
-    if not text.startswith("["):
-        try:
-            text = Path(text).read_text()
-        except OSError as exc:
-            raise ValidationError(f"cannot read the hosts file {text}: {exc.strerror}") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValidationError(f"not valid JSON: {exc}") from None
-    if not isinstance(document, list) or not document:
-        raise ValidationError("expected a non-empty JSON list of hosts")
-    hosts = []
-    for index, entry in enumerate(document):
-        try:
-            data = _HostSchema().load(entry)
-        except ValidationError as exc:
-            raise ValidationError(f"host {index}: {exc.messages}") from None
-        tls = TlsFiles(**data["tls"]) if data["tls"] else None
-        hosts.append(GpuHost(name=data["name"], url=data["url"], address=data["address"],
-                             gpus=tuple(data["gpus"]), tls=tls, bind=data["bind"]))
-    names = [h.name for h in hosts]
-    if len(set(names)) != len(names):
-        raise ValidationError(f"host names must be unique: {names}")
-    return tuple(hosts)
-
-
-def parse_gpu_ids(raw: str | None) -> tuple[int, ...] | None:
-    """GPUS: comma-separated GPU ids ("0,1"); empty means none; unset (None) means detect."""
-    if raw is None:
-        return None
-    ids = []
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        if not part.isdigit():
-            raise ValidationError(f"expected comma-separated GPU ids like 0,1; got {part!r}")
-        ids.append(int(part))
-    if len(set(ids)) != len(ids):
-        raise ValidationError("a GPU id is listed twice")
-    return tuple(ids)
-
 
 @functools.cache
 def detect_gpus() -> tuple[int, ...]:
@@ -172,6 +48,47 @@ def detect_gpus() -> tuple[int, ...]:
         return ()
 
 
+def parse_gpu_memory(text: str) -> dict[int, float]:
+    """GB per GPU id from `nvidia-smi --query-gpu=index,memory.total --format=csv,noheader,
+    nounits` (which reports MiB)."""
+    memory = {}
+    for line in text.splitlines():
+        if line.strip():
+            index, mib = (part.strip() for part in line.split(","))
+            memory[int(index)] = float(mib) / 1024
+    return memory
+
+
+@functools.cache
+def detect_gpu_memory() -> dict[int, float]:
+    """GB of each local GPU as nvidia-smi reports it; none when there is no nvidia-smi."""
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return {}
+    try:
+        result = subprocess.run(
+            [binary, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+        return parse_gpu_memory(result.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("nvidia-smi did not give the GPUs' memory (%s); each engine takes its GPUs "
+                    "whole; set GPU_MEMORY_GB", exc)
+        return {}
+
+
+def gpu_memory(settings: Settings, hosts: list[GpuHost]) -> dict[str, float]:
+    """GB of each GPU per host, where it is known (the shape the placer takes)."""
+    if settings.gpu_memory_gb is not None:
+        return {host.name: settings.gpu_memory_gb for host in hosts if host.gpus}
+    local = [host for host in hosts if host.name == LOCAL_HOST and host.gpus]
+    if not local:
+        return {}
+    detected = detect_gpu_memory()
+    sizes = [detected[g] for g in local[0].gpus if g in detected]
+    return {LOCAL_HOST: min(sizes)} if sizes and len(sizes) == len(local[0].gpus) else {}
+
+
 def load_inventory(settings: Settings) -> list[GpuHost]:
     """The hosts engines may run on, for the backend in use."""
     if settings.runtime_backend == "docker" and settings.docker_hosts:
@@ -184,21 +101,3 @@ def load_inventory(settings: Settings) -> list[GpuHost]:
 def gpus_by_host(hosts: list[GpuHost]) -> dict[str, tuple[int, ...]]:
     """The inventory in the shape the placer takes: host name -> GPU ids."""
     return {host.name: host.gpus for host in hosts}
-
-
-def parse_docker_url(raw: str | None) -> str:
-    """DOCKER_HOST: the local Docker engine's API; empty means the default socket."""
-    url = (raw or "").strip() or DEFAULT_DOCKER_URL
-    if not _DOCKER_URL.match(url):
-        raise ValidationError(f"a Docker URL (unix://, tcp:// or ssh://), got {url!r}")
-    return url
-
-
-def parse_host_path(raw: str | None) -> Path | None:
-    """HF_HOME_HOST: an absolute path on the Docker host; empty means unset."""
-    if not raw:
-        return None
-    path = Path(raw)
-    if not path.is_absolute():
-        raise ValidationError(f"an absolute path on the Docker host, got {raw!r}")
-    return path

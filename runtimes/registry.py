@@ -7,36 +7,73 @@ instance (reported by the web workers), arrivals per model in 10-second buckets,
 durations per model, consecutive failed starts and recent decisions.
 
 All writes of a record go through `transition`, a compare-and-set on the state, so two control
-workers can never both start or both stop the same instance.
+workers can never both start or both stop the same instance; a move the `TRANSITIONS` table does
+not allow is refused (as llama-swap's `isValidTransition` does).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 
 import redis
 
-STARTING = "starting"
-READY = "ready"
-SLEEPING = "sleeping"
-DRAINING = "draining"
-STOPPING = "stopping"
-FAILED = "failed"
-STATES = (STARTING, READY, SLEEPING, DRAINING, STOPPING, FAILED)
+log = logging.getLogger(__name__)
+
+
+class RuntimeState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    SLEEPING = "sleeping"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+STARTING = RuntimeState.STARTING
+READY = RuntimeState.READY
+SLEEPING = RuntimeState.SLEEPING
+DRAINING = RuntimeState.DRAINING
+STOPPING = RuntimeState.STOPPING
+FAILED = RuntimeState.FAILED
+STATES = tuple(RuntimeState)
+# The moves an instance may make (staying in a state, to update its fields, is always allowed).
+# Any state may be stopped; only a start reaches ready, only a wake leaves sleep, and nothing
+# comes back from draining, stopping or failed: such an instance is stopped and a new one
+# started. "Stopped" is the record removed.
+TRANSITIONS: dict[RuntimeState, frozenset[RuntimeState]] = {
+    STARTING: frozenset({READY, STOPPING, FAILED}),
+    READY: frozenset({SLEEPING, DRAINING, STOPPING, FAILED}),
+    SLEEPING: frozenset({READY, STOPPING, FAILED}),
+    # A drain made to put an engine to sleep (an eviction that keeps its context) ends asleep.
+    DRAINING: frozenset({SLEEPING, STOPPING, FAILED}),
+    STOPPING: frozenset({FAILED}),
+    FAILED: frozenset({STOPPING}),
+}
+
+
+def allowed_move(current: str, new: str) -> bool:
+    return current == new or RuntimeState(new) in TRANSITIONS[RuntimeState(current)]
 # States in which an instance holds its GPUs and a port.
 LIVE_STATES = (STARTING, READY, SLEEPING, DRAINING, STOPPING)
 
 ARRIVAL_BUCKET_SECONDS = 10
+# Arrival buckets are kept this long: the autoscaler's keep-alive reads each model's idle periods
+# over the last 4 hours from them (runtimes.keepalive.HISTORY_SECONDS).
+ARRIVAL_BUCKETS_KEPT_SECONDS = 5 * 3600
 
-# KEYS[1] = demand hash; ARGV = model, time it was served, ... Drops demand no newer than that.
+# KEYS[1] = demand hash, KEYS[2] = demand-since hash; ARGV = model, time it was served, ...
+# Drops demand no newer than that.
 _CLEAR_SERVED_DEMAND = """
 for i = 1, #ARGV, 2 do
   local wanted = redis.call('HGET', KEYS[1], ARGV[i])
   if wanted and tonumber(wanted) <= tonumber(ARGV[i + 1]) then
     redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
   end
 end
 """
@@ -107,7 +144,8 @@ class RuntimeRegistry:
     def transition(
         self, instance_id: str, from_states: tuple[str, ...] | None, **changes
     ) -> RuntimeRecord | None:
-        """Change a record if its state is one of `from_states` (None: any); return the new one."""
+        """Change a record if its state is one of `from_states` (None: any) and the table allows
+        the move; return the new record, or None."""
         if "state" in changes and "state_since" not in changes:
             changes["state_since"] = time.time()
         with self.redis.pipeline() as pipe:
@@ -121,6 +159,11 @@ class RuntimeRegistry:
                     current = RuntimeRecord.from_json(raw)
                     if from_states is not None and current.state not in from_states:
                         pipe.reset()
+                        return None
+                    if "state" in changes and not allowed_move(current.state, changes["state"]):
+                        pipe.reset()
+                        log.warning("%s: refused the move %s -> %s", instance_id,
+                                    current.state, changes["state"])
                         return None
                     updated = replace(current, **changes)
                     pipe.multi()
@@ -156,13 +199,26 @@ class RuntimeRegistry:
     # -- demand and use --------------------------------------------------------------------
 
     def note_demand(self, model: str, now: float | None = None) -> None:
-        self.redis.hset(self.key("demand"), model, f"{time.time() if now is None else now:.3f}")
+        """A call found no ready engine: the last such time, and the first since the demand was
+        last met (how long its callers have waited, for eviction by value)."""
+        at = f"{time.time() if now is None else now:.3f}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.key("demand"), model, at)
+        pipe.hsetnx(self.key("demand_since"), model, at)
+        pipe.execute()
 
     def demand(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.redis.hgetall(self.key("demand")).items()}
 
+    def demand_since(self) -> dict[str, float]:
+        raw = self.redis.hgetall(self.key("demand_since"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
     def clear_demand(self, model: str) -> None:
-        self.redis.hdel(self.key("demand"), model)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(self.key("demand"), model)
+        pipe.hdel(self.key("demand_since"), model)
+        pipe.execute()
 
     def report_usage(
         self,
@@ -191,21 +247,24 @@ class RuntimeRegistry:
             bucket = self.key("arrivals", str(int(now // ARRIVAL_BUCKET_SECONDS)))
             for model, count in arrivals.items():
                 pipe.hincrby(bucket, model, count)
-            pipe.expire(bucket, 7200)
+            pipe.expire(bucket, ARRIVAL_BUCKETS_KEPT_SECONDS)
         if served:
             args = [v for model, at in served.items() for v in (model, f"{at:.3f}")]
-            self._clear_served_demand(keys=[self.key("demand")], args=args, client=pipe)
+            self._clear_served_demand(keys=[self.key("demand"), self.key("demand_since")],
+                                      args=args, client=pipe)
         pipe.execute()
 
     def last_used(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.redis.hgetall(self.key("last_used")).items()}
 
+    def web_workers(self) -> dict[str, float]:
+        """When each web worker last reported its usage, by worker id."""
+        return {k.decode(): float(v) for k, v in self.redis.hgetall(self.key("workers")).items()}
+
     def inflight(self, instance_ids: list[str], now: float | None = None) -> dict[str, int]:
         """Calls in flight per instance, counting only workers that reported recently."""
         now = time.time() if now is None else now
-        workers = {
-            k.decode(): float(v) for k, v in self.redis.hgetall(self.key("workers")).items()
-        }
+        workers = self.web_workers()
         live = {w for w, seen in workers.items() if now - seen < WORKER_STALE_SECONDS}
         pipe = self.redis.pipeline(transaction=False)
         for instance_id in instance_ids:
@@ -230,6 +289,16 @@ class RuntimeRegistry:
             for model, value in counts.items():
                 totals[model.decode()] = totals.get(model.decode(), 0) + int(value)
         return totals
+
+    def arrival_buckets(self, first: int, last: int) -> dict[int, dict[str, int]]:
+        """Realtime arrivals per model in each 10-second bucket from `first` to `last`
+        (bucket = time // ARRIVAL_BUCKET_SECONDS); empty buckets left out."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in range(first, last + 1):
+            pipe.hgetall(self.key("arrivals", str(bucket)))
+        return {bucket: {k.decode(): int(v) for k, v in counts.items()}
+                for bucket, counts in zip(range(first, last + 1), pipe.execute(), strict=True)
+                if counts}
 
     def claim_start_request(self, model: str, ttl: float) -> bool:
         """True for the first caller to ask for a start of `model` until it is done or `ttl`."""

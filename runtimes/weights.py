@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # A download request not picked up by a worker within this long may be asked for again.
 REQUEST_TTL_SECONDS = 600
 PRIME_LOCK_SECONDS = 3600
+# How often the workers measure the page-cache residency of the cached models (for the web).
+RESIDENCY_REFRESH_SECONDS = 60
 # Assumed disk read rate until a priming has measured one.
 DEFAULT_READ_BYTES_PER_SECOND = 1 * GB
 # Even with every weight in RAM an engine still allocates its KV cache, compiles and captures
@@ -188,8 +190,10 @@ class ModelWeights:
         """
         spec = self.spec(model)
         try:
-            return download_snapshot(self.download_request(spec), self.config.download,
-                                     self.tracker)
+            state = download_snapshot(self.download_request(spec), self.config.download,
+                                      self.tracker)
+            self.note_residency(spec)
+            return state
         except DownloadError as exc:
             if for_start:
                 self.registry.note_failed_start(spec.id, {
@@ -226,6 +230,37 @@ class ModelWeights:
         self.redis.set(self._key("residency", spec), json.dumps(
             {**found.describe(), "measured_at": time.time()}), ex=7 * 24 * 3600)
         return found
+
+    # Page-cache statistics are measured by the workers (after a download or a priming, and by
+    # the autoscaler's tick every RESIDENCY_REFRESH_SECONDS) and read back by the web app: a
+    # `mincore` over gigabytes of weights has no place in a web worker's request.
+
+    def note_residency(self, spec: ModelSpec) -> dict | None:
+        """Measure how much of `spec`'s weights is in RAM and keep it for the web to show."""
+        files = self.cache(spec).weight_files(spec.revision)
+        found = _residency_or_none(files)
+        if found is not None:
+            self.redis.set(f"{self._prefix}:residency_seen:{spec.repo_id}",
+                           json.dumps({**found, "measured_at": time.time()}),
+                           ex=7 * 24 * 3600)
+        return found
+
+    def seen_residency(self, repo_id: str) -> dict | None:
+        """The last measured residency of a repo's weights (None: not measured lately)."""
+        raw = self.redis.get(f"{self._prefix}:residency_seen:{repo_id}")
+        return json.loads(raw) if raw else None
+
+    def refresh_residency(self) -> None:
+        """Measure every cached model of the catalog (one per repo), at most every
+        RESIDENCY_REFRESH_SECONDS whoever asks."""
+        if not self.redis.set(f"{self._prefix}:residency_refresh", "1", nx=True,
+                              ex=RESIDENCY_REFRESH_SECONDS):
+            return
+        seen: set[str] = set()
+        for spec in self.catalog:
+            if spec.repo_id not in seen and self.is_local(spec):
+                seen.add(spec.repo_id)
+                self.note_residency(spec)
 
     def remembered_residency(self, spec: ModelSpec) -> dict | None:
         raw = self.redis.get(self._key("residency", spec))
@@ -277,6 +312,8 @@ class ModelWeights:
             if record_residency:
                 self.redis.set(self._key("residency", spec), json.dumps(
                     {**report.after.describe(), "measured_at": time.time()}), ex=7 * 24 * 3600)
+            self.redis.set(f"{self._prefix}:residency_seen:{spec.repo_id}", json.dumps(
+                {**report.after.describe(), "measured_at": time.time()}), ex=7 * 24 * 3600)
             log.info("primed %s: %.2f GB read in %.2f s (%.2f GB/s), %.0f%% resident",
                      spec.id, report.read_bytes / GB, report.seconds, report.gb_per_second,
                      report.after.fraction * 100)
@@ -359,7 +396,7 @@ class ModelWeights:
                                "complete": r.complete} for r in repo.revisions],
                 "last_used_at": max(used) or None,
                 "in_use_by": [r.id for r in live],
-                "residency": _residency_or_none(files),
+                "residency": self.seen_residency(repo.repo_id) if files else None,
             })
         return rows
 

@@ -60,12 +60,9 @@ def percentile(bins: dict[int, int], q: float) -> float | None:
 class SeriesRecorder:
     """Counts of this process, written to the current bucket by `flush`."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "gw",
-                 sample_queues: Callable[[], dict[str, int]] | None = None):
+    def __init__(self, client: redis.Redis, prefix: str = "gw"):
         self.redis = client
         self.prefix = prefix
-        # Returns {"pending|<model>": n, "celery|<priority>": n, ...}: read once a bucket.
-        self.sample_queues = sample_queues
         self._counts: dict[tuple[str, str], int] = {}
         self._sampled_bucket: int | None = None
 
@@ -89,17 +86,19 @@ class SeriesRecorder:
                 key = ("ttft", str(latency_bin(ttft)))
                 counts[key] = counts.get(key, 0) + 1
 
-    def flush(self, now: float | None = None) -> None:
-        """Write what was counted since the last flush; sample the queues once a bucket."""
+    def flush(self, now: float | None = None,
+              sample_queues: Callable[[], dict[str, int]] | None = None) -> None:
+        """Write what was counted since the last flush; once a bucket, the queue depths that
+        `sample_queues` returns ({"pending|<model>": n, "celery|<priority>": n, ...})."""
         try:
-            self._flush(time.time() if now is None else now)
+            self._flush(time.time() if now is None else now, sample_queues)
         except Exception:  # the usage reporter calls this: charts must never stop it
             log.exception("chart series not written")
 
-    def _flush(self, now: float) -> None:
+    def _flush(self, now: float, sample_queues) -> None:
         bucket = int(now // BUCKET_SECONDS)
         counts, self._counts = self._counts, {}
-        sample = self.sample_queues is not None and bucket != self._sampled_bucket
+        sample = sample_queues is not None and bucket != self._sampled_bucket
         if not counts and not sample:
             return
         key = self.key(bucket)
@@ -115,14 +114,13 @@ class SeriesRecorder:
             if sample:
                 self._sampled_bucket = bucket
                 if claimed:
-                    self._write_sample(key)
+                    self._write_sample(key, sample_queues())
         except redis.RedisError as exc:
             log.warning("chart series not written, will retry: %s", exc)
             for name, value in counts.items():
                 self._counts[name] = self._counts.get(name, 0) + value
 
-    def _write_sample(self, key: str) -> None:
-        depths = self.sample_queues()
+    def _write_sample(self, key: str, depths: dict[str, int]) -> None:
         # An empty queue is a point at zero on the chart, not a gap.
         depths.setdefault("pending|", 0)
         pipe = self.redis.pipeline(transaction=False)

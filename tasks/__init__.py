@@ -1,5 +1,6 @@
-"""Celery side of the orchestrator: the Celery app bound to the Flask app, and thin tasks.
+"""Celery side of the orchestrator: the Celery app, the task queue, and thin tasks.
 
-Tasks take ids, load state and call into `runtimes/` (or the job stores); they are idempotent,
-so a redelivered message does no harm. The worker's entry point is `tasks.worker`.
+Tasks take ids, find the services on their app (`self.app.services`) and call into `jobs/` or
+`runtimes/`; they are idempotent, so a redelivered message does no harm. The worker's entry point
+is `tasks.worker`.
 """

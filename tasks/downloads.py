@@ -10,42 +10,27 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
-from flask import current_app
 
 from runtimes.downloads import DownloadError
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="downloads.download_model_async", ignore_result=True)
-def download_model_async(model: str, for_start: bool = False) -> None:
-    ext = current_app.extensions
-    weights = ext["weights"]
+@shared_task(name="downloads.download_model_async", bind=True, ignore_result=True)
+def download_model_async(self, model: str, for_start: bool = False) -> None:
+    services = self.app.services
     try:
-        state = weights.download(model, for_start=for_start)
+        state = services.weights.download(model, for_start=for_start)
     except DownloadError:
         return  # the reason is in the download's state (and the model's failed start)
-    if state.get("status") == "done" and weights.start_wanted(model):
+    if state.get("status") == "done" and services.weights.start_wanted(model):
         # A caller is waiting: start now rather than on the autoscaler's next look.
-        ext["request_start"](model)
+        services.request_start(model)
 
 
-@shared_task(name="downloads.prime_model", ignore_result=True)
-def prime_model(model: str) -> None:
+@shared_task(name="downloads.prime_model", bind=True, ignore_result=True)
+def prime_model(self, model: str) -> None:
     try:
-        current_app.extensions["weights"].prime(model)
+        self.app.services.weights.prime(model)
     except (OSError, RuntimeError) as exc:
         log.error("priming %s failed: %s", model, exc)
-
-
-def download_requester():
-    """A function that sends one download task (ModelWeights deduplicates before calling it)."""
-
-    def request_download(model: str, for_start: bool = False) -> None:
-        download_model_async.apply_async(args=[model, for_start], queue="downloads")
-
-    return request_download
-
-
-def enqueue_prime(model: str) -> None:
-    prime_model.apply_async(args=[model], queue="downloads")

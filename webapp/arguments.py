@@ -3,9 +3,9 @@
 They check every field's type before a view uses it (a string where a number belongs is a 400,
 never coerced: `"priority": "5"` is refused as OpenAI refuses it) and are what `/openapi.json`
 describes (`webapp.apidoc`). The realtime bodies, which are relayed to the engine untouched, are
-`webapp.schemas`. Definitions of evals are checked here for their outline (types of the
+`runtimes.engine_requests`. Definitions of evals are checked here for their outline (types of the
 top-level fields); graders and templates need the catalog and are checked by
-`tasks.eval_definitions`.
+`jobs.eval_definitions`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ from marshmallow import (
     validates_schema,
 )
 
-from tasks.batch_service import ENDPOINTS, WINDOWS
-from tasks.eval_service import RUN_STATUSES
+from jobs.evals import RUN_STATUSES
+from jobs.lifecycle import ENDPOINTS, WINDOWS
+from runtimes.engine_requests import (
+    MAX_TOKENS_LIMIT,
+    SamplingRequest,
+    check_messages,
+    check_prompt,
+)
 from webapp.apidoc import PageQuery
-from webapp.schemas import MAX_TOKENS_LIMIT, SamplingRequest, check_messages, check_prompt
 
 PURPOSES = ("batch", "evals", "user_data")
 LISTED_PURPOSES = (*PURPOSES, "batch_output")

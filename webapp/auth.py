@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from flask import current_app, g, request
+from flask import g, request
 
+from webapp.context import gateway
 from webapp.errors import APIError
 from webapp.keystore import ApiKey
 from webapp.limits import LimitExceeded
@@ -36,7 +37,7 @@ def authenticate(scopes: tuple[str, ...], allow_query_key: bool = False) -> ApiK
             "Missing API key. Send it as 'Authorization: Bearer <token>'.",
             code="missing_api_key",
         )
-    key = current_app.extensions["keystore"].lookup(token)
+    key = gateway().keystore.lookup(token)
     if key is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     if key.scopes.isdisjoint(scopes):
@@ -81,7 +82,7 @@ def admit(key: ApiKey) -> Callable[[], None] | None:
     """Apply the key's limits; return the callable that releases its concurrency lease, if any."""
     if key.requests_per_minute is None and key.max_concurrency is None:
         return None
-    limiter = current_app.extensions["limiter"]
+    limiter = gateway().limiter
     try:
         if key.requests_per_minute is not None:
             limiter.check_rate(key.name, key.requests_per_minute)

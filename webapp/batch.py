@@ -9,12 +9,13 @@ belongs to the project of the key that made it (404 to any other).
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, url_for
+from flask import Blueprint, g, url_for
 
 from webapp.apidoc import accepts, documented
 from webapp.arguments import BatchCompletionCreate
 from webapp.auth import check_model_allowed, require_scope
 from webapp.batches import cancellable, owned_job
+from webapp.context import services
 from webapp.errors import APIError
 
 bp = Blueprint("batch", __name__)
@@ -44,12 +45,12 @@ def job_view(job: dict) -> dict:
 def submit(body: dict):
     priority = body.pop("priority")
     model = body["model"]
-    if model not in current_app.extensions["catalog"]:
+    if model not in services().catalog:
         raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
                        param="model")
     check_model_allowed(g.api_key, model)
     endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    job = current_app.extensions["batches"].create_completion(
+    job = services().lifecycle.create_completion(
         g.api_key.name, endpoint, body, priority, g.api_key.project
     )
     return job_view(job), 202, {"Location": url_for("batch.status", job_id=job["id"])}
@@ -67,4 +68,4 @@ def status(job_id: str):
 @documented("Cancel a batch completion (409 once it has finished)")
 def cancel(job_id: str):
     cancellable(owned_job(job_id, "completion"), "batch completion")
-    return job_view(current_app.extensions["batches"].cancel(job_id))
+    return job_view(services().lifecycle.cancel(job_id))

@@ -8,16 +8,16 @@ in `metadata.priority`.
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, g
 
-from tasks.batch import enqueue_validate
-from tasks.batch_service import batch_object
-from tasks.tenancy import UnknownCursor
+from jobs.tenancy import UnknownCursor
 from webapp.apidoc import PageQuery, accepts, documented
 from webapp.arguments import BatchCreate
 from webapp.auth import require_scope
+from webapp.context import services
 from webapp.errors import APIError
 from webapp.paging import page, unknown_cursor
+from webapp.serializers import batch_object
 
 bp = Blueprint("batches", __name__)
 
@@ -28,7 +28,7 @@ DONE_STATUSES = ("completed", "failed", "expired", "succeeded")
 def owned_job(job_id: str, kind: str) -> dict:
     """The job if it is of `kind` and of this key's project; else 404 (never 403: another
     project's job is not revealed)."""
-    job = current_app.extensions["jobs"].get(job_id, g.api_key.project)
+    job = services().jobs.get(job_id, g.api_key.project)
     if job is None or job["kind"] != kind:
         raise APIError(404, f"No such {kind}: {job_id}", code=f"{kind}_not_found")
     return job
@@ -46,19 +46,18 @@ def cancellable(job: dict, what: str) -> None:
 @accepts(BatchCreate(), summary="Create a batch from an uploaded JSONL file")
 def create(body: dict):
     key = g.api_key
-    stored = current_app.extensions["files"].get(body["input_file_id"], key.project)
+    stored = services().files.get(body["input_file_id"], key.project)
     if stored is None:
         raise APIError(400, f"No such file: {body['input_file_id']}", code="file_not_found",
                        param="input_file_id")
     if stored.purpose != "batch":
         raise APIError(400, "The input file's purpose must be 'batch'.", code="invalid_value",
                        param="input_file_id")
-    batch = current_app.extensions["batches"].create_batch(
+    batch = services().lifecycle.create_batch(
         key.name, stored.id, body["endpoint"], body["completion_window"], body.get("metadata"),
         body["priority"], sorted(key.models) if key.models is not None else None, key.project,
     )
-    enqueue_validate(batch["id"])
-    return batch
+    return batch_object(batch)
 
 
 @bp.get("/v1/batches/<batch_id>")
@@ -73,7 +72,7 @@ def retrieve(batch_id: str):
 @accepts(query=PageQuery(), summary="List this project's batches, newest first")
 def list_batches(args: dict):
     try:
-        jobs, has_more = current_app.extensions["jobs"].list(
+        jobs, has_more = services().jobs.list(
             "batch", g.api_key.project, args.get("after"), args["limit"])
     except UnknownCursor:
         raise unknown_cursor() from None
@@ -85,4 +84,4 @@ def list_batches(args: dict):
 @documented("Cancel a batch (409 once it has finished)")
 def cancel(batch_id: str):
     cancellable(owned_job(batch_id, "batch"), "batch")
-    return batch_object(current_app.extensions["batches"].cancel(batch_id))
+    return batch_object(services().lifecycle.cancel(batch_id))

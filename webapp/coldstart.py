@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 import time
 
-from flask import current_app
-
 from runtimes.catalog import ModelSpec
 from runtimes.policy import MAX_FAILED_STARTS
 from runtimes.registry import SLEEPING, STARTING, RuntimeRecord, RuntimeRegistry
+from webapp.context import gateway
 from webapp.errors import APIError
 
 HOLD_POLL_SECONDS = 0.25
@@ -52,10 +51,10 @@ def retry_after_seconds(records: list[RuntimeRecord], estimate: float, now: floa
 
 def await_runtime(spec: ModelSpec) -> RuntimeRecord:
     """Return a ready instance of `spec` within the hold time, or raise the 503 that says when."""
-    ext = current_app.extensions
-    settings = ext["settings"]
-    registry: RuntimeRegistry = ext["registry"]
-    router = ext["router"]
+    gw = gateway()
+    settings = gw.services.settings
+    registry: RuntimeRegistry = gw.services.registry
+    router = gw.services.router
 
     failures = registry.failed_starts().get(spec.id, 0)
     if failures >= MAX_FAILED_STARTS:
@@ -70,7 +69,7 @@ def await_runtime(spec: ModelSpec) -> RuntimeRecord:
         )
 
     registry.note_demand(spec.id)
-    ext["request_start"](spec.id)
+    gw.services.request_start(spec.id)
 
     hold = spec.cold_start_hold_seconds
     if hold is None:
@@ -79,13 +78,13 @@ def await_runtime(spec: ModelSpec) -> RuntimeRecord:
     while time.monotonic() < deadline:
         time.sleep(HOLD_POLL_SECONDS)
         router.invalidate()
-        record = router.pick(spec.id, ext["usage"].inflight)
+        record = router.pick(spec.id, gw.usage.inflight)
         if record is not None:
             return record
 
     records = registry.for_model(spec.id)
     # Weights in RAM shorten a first start; a download under way comes before the start.
-    weights = ext["weights"]
+    weights = gw.services.weights
     estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds, records,
                                       weights.scale_cold_estimate)
     download = math.ceil(weights.download_wait_seconds(spec))

@@ -6,7 +6,7 @@ with the key is how an operator opens the page; the page then drops the key from
 
 - `GET /ui/api/overview`: runtimes and GPUs, starts and failures, queues, jobs, downloads,
   the autoscaler's decisions (webapp.overview); polled every few seconds.
-- `GET /ui/api/series?minutes=60`: the charts' time series (webapp.timeseries).
+- `GET /ui/api/series?minutes=60`: the charts' time series (services.timeseries).
 - `POST /ui/api/models/<model>/reset`: clear a model marked failed after failed starts, so the
   next call starts it again. A `monitor` key may do this: it is the one operator action, it
   only lets the autoscaler try again (as `python -m runtimes reset MODEL` does), and it is
@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, current_app, g, render_template
+from flask import Blueprint, g, render_template
 
 from webapp import overview
 from webapp.apidoc import accepts, documented
 from webapp.arguments import SeriesQuery
 from webapp.auth import require_scope
+from webapp.context import gateway, services
 from webapp.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ PAGE_HEADERS = {
 @bp.get("/dashboard")
 @documented("The operator's page (public; its data needs `monitor`)", content_type="text/html")
 def page():
-    settings = current_app.extensions["settings"]
+    settings = services().settings
     html = render_template("dashboard.html", flower_url=settings.flower_url or "",
                            flower_port=settings.flower_port)
     return html, 200, PAGE_HEADERS
@@ -57,25 +58,24 @@ def page():
 @require_scope("monitor", allow_query_key=True)
 @documented("Runtimes, GPUs, queues, jobs, downloads and decisions (status and counts)")
 def overview_data():
-    return overview.overview(current_app.extensions)
+    return overview.overview(gateway())
 
 
 @bp.get("/ui/api/series")
 @require_scope("monitor", allow_query_key=True)
 @accepts(query=SeriesQuery(), summary="The charts' time series, 10-second buckets")
 def series_data(args: dict):
-    return current_app.extensions["series"].read(args["minutes"] * 60)
+    return services().series.read(args["minutes"] * 60)
 
 
 @bp.post("/ui/api/models/<path:model>/reset")
 @require_scope("monitor", allow_query_key=True)
 @documented("Clear a model marked failed, so it may be started again")
 def reset_model(model: str):
-    ext = current_app.extensions
-    if model not in ext["catalog"]:
+    if model not in services().catalog:
         raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
                        param="model")
-    registry = ext["registry"]
+    registry = services().registry
     before = registry.failed_starts().get(model, 0)
     registry.reset_model(model)
     who = g.api_key.name

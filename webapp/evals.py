@@ -2,7 +2,7 @@
 
 Evals and their runs belong to the project of the key that made them: keys of that project with
 `eval` (or `monitor`, to read) see them, and to another project they do not exist (404). Definitions
-are checked when created (`tasks.eval_definitions`), so a bad grader, template, schema or model
+are checked when created (`jobs.eval_definitions`), so a bad grader, template, schema or model
 is a 400 naming the field; a run is queued at once and runs on the batch workers. Besides
 OpenAI's fields, a run may be given `priority` (0-9, in the body or `metadata.priority`), and
 `label_model` and `score_model` graders `sampling_params` for their judge; output items may be
@@ -11,19 +11,19 @@ filtered by `status` `pass`, `fail` or `error`.
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, url_for
+from flask import Blueprint, g, url_for
 
-from tasks.eval_definitions import DefinitionError, parse_eval, parse_run
-from tasks.eval_service import run_object
-from tasks.eval_store import public_eval
-from tasks.graders import JUDGE_TYPES
-from tasks.tenancy import UnknownCursor
+from jobs.eval_definitions import DefinitionError, parse_eval, parse_run
+from jobs.graders import JUDGE_TYPES
+from jobs.tenancy import UnknownCursor
 from webapp.apidoc import accepts, documented
 from webapp.arguments import EvalCreate, EvalUpdate, OrderedPage, OutputItemList, RunCreate, RunList
 from webapp.auth import check_model_allowed, require_scope
 from webapp.batches import cancellable
+from webapp.context import services
 from webapp.errors import APIError
 from webapp.paging import page, unknown_cursor
+from webapp.serializers import public_eval, run_object
 
 bp = Blueprint("evals", __name__)
 
@@ -31,7 +31,7 @@ READERS = ("eval", "monitor")
 
 
 def _evals():
-    return current_app.extensions["evals"]
+    return services().evals
 
 
 def _definition_error(exc: DefinitionError) -> APIError:
@@ -47,14 +47,14 @@ def _owned_eval(eval_id: str) -> dict:
 
 def _owned_run(eval_id: str, run_id: str) -> dict:
     _owned_eval(eval_id)
-    job = current_app.extensions["jobs"].get(run_id, g.api_key.project)
+    job = services().jobs.get(run_id, g.api_key.project)
     if job is None or job.get("kind") != "eval_run" or job.get("eval_id") != eval_id:
         raise APIError(404, f"No such run: {run_id}", code="run_not_found", param="run_id")
     return job
 
 
 def _run_view(job: dict) -> dict:
-    run = run_object(job, current_app.extensions["jobs"].tally(job["id"]))
+    run = run_object(job, services().jobs.tally(job["id"]))
     run["report_url"] = url_for("evals.list_output_items", eval_id=job["eval_id"],
                                 run_id=job["id"], _external=True)
     return run
@@ -72,7 +72,7 @@ def _check_models(models: list[str]) -> None:
 @accepts(EvalCreate(), summary="Define an eval")
 def create_eval(body: dict):
     try:
-        parsed = parse_eval(body, current_app.extensions["catalog"])
+        parsed = parse_eval(body, services().catalog)
     except DefinitionError as exc:
         raise _definition_error(exc) from None
     _check_models([c["model"] for c in parsed["testing_criteria"]
@@ -124,7 +124,7 @@ def delete_eval(eval_id: str):
 def create_run(eval_id: str, body: dict):
     definition = _owned_eval(eval_id)
     try:
-        parsed = parse_run(body, definition, current_app.extensions["catalog"])
+        parsed = parse_run(body, definition, services().catalog)
     except DefinitionError as exc:
         raise _definition_error(exc) from None
     _check_models(([parsed["model"]] if parsed["model"] else [])

@@ -9,13 +9,14 @@ are streamed in blocks.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 
-from tasks.filestore import FileTooLarge
-from tasks.tenancy import UnknownCursor
+from jobs.files import FileTooLarge
+from jobs.tenancy import UnknownCursor
 from webapp.apidoc import accepts, documented
 from webapp.arguments import FileList, FileUpload
 from webapp.auth import require_scope
+from webapp.context import services
 from webapp.errors import APIError
 from webapp.paging import page, unknown_cursor
 
@@ -25,7 +26,7 @@ READERS = ("upload", "batch", "eval")
 
 
 def _store():
-    return current_app.extensions["files"]
+    return services().files
 
 
 def _get(file_id: str):
@@ -39,7 +40,7 @@ def _get(file_id: str):
 @require_scope("upload")
 @accepts(form=FileUpload(), summary="Upload a file (multipart: `purpose`, `file`)")
 def upload(form: dict):
-    settings = current_app.extensions["settings"]
+    settings = services().settings
     upload = request.files.get("file")
     if upload is None:
         raise APIError(400, "Send the file as multipart form field 'file'.",
@@ -59,7 +60,7 @@ def _lift_upload_limit():
     # Batch files may be far larger than an API call: lift the body limit for the upload
     # route only, before anything reads the form (the multipart parser applies it).
     if request.endpoint == "files.upload":
-        settings = current_app.extensions["settings"]
+        settings = services().settings
         request.max_content_length = settings.batch_max_file_bytes + 1024 * 1024
 
 

@@ -4,8 +4,9 @@ The worker class answers the requests gunicorn refuses itself (limits, malformed
 the API's JSON envelope (webapp.gunicorn_worker); the logger class escapes what its access and
 error logs write and cuts query strings from the error log (webapp.gunicorn_logger).
 
-Environment: WEB_BIND (default 0.0.0.0:8000), WEB_CONCURRENCY (worker processes, default 2),
-WEB_WORKER_CONNECTIONS (concurrent calls per worker, default 2000).
+Environment: WEB_BIND (default 127.0.0.1:8000; compose sets 0.0.0.0:8000 inside its container),
+WEB_CONCURRENCY (worker processes, default 2), WEB_WORKER_CONNECTIONS (concurrent calls per
+worker, default 2000).
 """
 
 import importlib
@@ -40,7 +41,7 @@ def _load_gunicorn_side(module: str) -> types.ModuleType:
     return importlib.import_module(f"{package.__name__}.{module}")
 
 
-bind = os.environ.get("WEB_BIND", "0.0.0.0:8000")
+bind = os.environ.get("WEB_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gunicorn's gevent worker, answering the requests gunicorn refuses itself as JSON errors.
 worker_class = _load_gunicorn_side("gunicorn_worker").GatewayWorker
@@ -64,9 +65,9 @@ control_socket_disable = True
 def post_worker_init(worker):
     # The usage reporter also samples queue depths for the dashboard's charts: run it from the
     # start, not from the first realtime call.
-    usage = getattr(worker.wsgi, "extensions", {}).get("usage")
-    if usage is not None:
-        usage.start()
+    gateway = getattr(worker.wsgi, "extensions", {}).get("gateway")
+    if gateway is not None:
+        gateway.usage.start()
 
 
 def child_exit(server, worker):

@@ -2,14 +2,14 @@
 tokens from.
 
 The access log writes the decoded path (`%(U)s`), so `GET /v1/models%0aFORGED` would put a line
-of the caller's making into it; every atom is escaped (`webapp.logsafe`) when the format reads
+of the caller's making into it; every atom is escaped (`config.logsafe`) when the format reads
 it. gunicorn's error log names whole request lines and URIs, query string and all, and
 `/ui/api/...?key=` carries a token: its messages have query strings cut, then are escaped, and
 an exception's trace keeps its lines, escaped and indented.
 
-Set as `logger_class` in webapp/gunicorn_conf.py. Imports only gunicorn and the standard library,
-and `logsafe` relatively: gunicorn's master loads this module without importing the `webapp`
-package (see `gunicorn_conf._load_gunicorn_side`).
+Set as `logger_class` in webapp/gunicorn_conf.py. Imports only gunicorn, the standard library
+and `config.logsafe` (itself standard library only): gunicorn's master loads this module without
+importing the `webapp` package (see `gunicorn_conf._load_gunicorn_side`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 
 from gunicorn.glogging import Logger, SafeAtoms
 
-from .logsafe import escape_controls, escape_lines
+from config.logsafe import escape_controls, escape_lines
 
 _QUERY = re.compile(r"\?[^\s'\"]*")
 _TRACE = logging.Formatter()  # renders exception traces as every formatter does by default

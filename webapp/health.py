@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import redis
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 from webapp.apidoc import documented
+from webapp.context import services
 
 bp = Blueprint("health", __name__)
 
@@ -15,7 +16,7 @@ bp = Blueprint("health", __name__)
             responses={503: "Redis is unreachable."})
 def healthz():
     try:
-        current_app.extensions["redis"].ping()
+        services().redis.ping()
     except redis.RedisError:
         return {"status": "degraded", "redis": "unreachable"}, 503
     return {"status": "ok", "redis": "ok"}

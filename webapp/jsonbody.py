@@ -3,14 +3,14 @@
 Werkzeug cuts a chunked body at `max_content_length` without saying so (the JSON then looks
 malformed: a misleading 400), and Python's parser answers very deep nesting with a
 RecursionError (a 500). Here a body over the limit is a 413 naming the limit, and nesting deeper
-than `tasks.json_limits.MAX_DEPTH` a 400 naming it, on every JSON route, realtime included.
+than `jobs.json_limits.MAX_DEPTH` a 400 naming it, on every JSON route, realtime included.
 """
 
 from __future__ import annotations
 
 from flask import request
 
-from tasks import json_limits
+from jobs import json_limits
 from webapp.errors import APIError
 
 _BLOCK = 64 * 1024

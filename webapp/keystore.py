@@ -24,7 +24,7 @@ from pathlib import Path
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from tasks.tenancy import DEFAULT_PROJECT
+from jobs.tenancy import DEFAULT_PROJECT
 
 log = logging.getLogger(__name__)
 

@@ -1,23 +1,18 @@
-"""Prometheus metrics: what web and Celery workers count, and `/metrics` (scope `monitor`, Bearer).
+"""Prometheus metrics of the web workers, and `/metrics` (scope `monitor`, as Bearer).
 
-With PROMETHEUS_MULTIPROC_DIR set (make run and the test stack set it, to a fresh directory,
-before any process starts), prometheus_client runs in multiprocess mode: each process's counters
-and histograms are mmap'd files, cheap to update (no Redis, no lock across processes), summed at
-scrape time; gunicorn's `child_exit` hook marks dead workers. Without it (one process, a test
-client) the values live in this process. Web workers count requests, latency and time to first
-token; the control worker counts engine starts; the batch workers count batch lines. What lives
-in Redis anyway (runtime states, queue depths, downloads) is read when scraped, not mirrored.
+Web workers count requests, latency and time to first token here; the control worker's engine
+starts and the batch workers' lines are counted in `services.metrics`, which also sets up the
+multiprocess mode whose files `/metrics` sums. What lives in Redis anyway (runtime states, queue
+depths, downloads) is read when scraped, not mirrored.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 
 import redis
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,41 +20,19 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
-    values,
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from services.metrics import LOCAL, MULTIPROC_DIR, child
+from tasks.broker import BATCH_QUEUE, api_priority
 from webapp import overview
 from webapp.apidoc import documented
 from webapp.auth import require_scope
-from webapp.timeseries import SeriesRecorder
+from webapp.context import Gateway, gateway, services
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-_HOST = socket.gethostname()
-_identity: list = [None, ""]
-
-
-def process_identifier() -> str:
-    """`<pid>@<host>`, the name of this process's files: containers sharing the directory (one
-    volume for web and workers) each number their processes from 1, so a pid alone collides."""
-    pid = os.getpid()
-    if _identity[0] != pid:  # asked on every update: build the string only after a fork
-        _identity[0], _identity[1] = pid, f"{pid}@{_HOST}"
-    return _identity[1]
-
-
-if MULTIPROC_DIR:
-    # The values' files are created with the first sample; the directory must be there by then.
-    os.makedirs(MULTIPROC_DIR, exist_ok=True)
-    values.ValueClass = values.MultiProcessValue(process_identifier)
-
-# This process's metrics (single-process mode); in multiprocess mode the files are read instead.
-LOCAL = CollectorRegistry(auto_describe=True)
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
 REQUESTS = Counter(
     "gateway_requests", "HTTP requests answered, by model (realtime calls), route and status.",
@@ -73,31 +46,9 @@ TTFT = Histogram(
     "gateway_time_to_first_token_seconds",
     "Streamed realtime calls: time from arrival to the engine's first bytes.",
     ["model"], buckets=LATENCY_BUCKETS, registry=LOCAL)
-COLD_STARTS = Counter(
-    "gateway_cold_starts", "Engines that became ready: kind cold (started) or wake (from sleep).",
-    ["model", "kind"], registry=LOCAL)
-COLD_START_SECONDS = Histogram(
-    "gateway_cold_start_duration_seconds", "How long engines took to become ready.",
-    ["model", "kind"], buckets=START_BUCKETS, registry=LOCAL)
-BATCH_LINES = Counter(
-    "gateway_batch_lines", "Batch lines finished by the batch workers: completed or failed.",
-    ["model", "outcome"], registry=LOCAL)
 
 
-# -- counting (web workers) --------------------------------------------------------------------
-
-# The labelled children, looked up once: labels() takes a lock and builds its key every call.
-# Bounded: models come from the catalog, routes from the URL map, statuses from HTTP.
-_children: dict[tuple, object] = {}
-
-
-def _child(metric, *labels):
-    key = (metric, *labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*labels)
-    return child
-
+# -- counting --------------------------------------------------------------------
 
 def _start_clock() -> None:
     g.started = time.perf_counter()
@@ -109,14 +60,14 @@ def _count_answer(response: Response) -> Response:
     # Unmatched paths share one label: a scanner must not mint a series per URL.
     route = rule.rule if rule is not None else "unmatched"
     status = response.status_code
-    _child(REQUESTS, model, route, status).inc()
+    child(REQUESTS, model, route, status).inc()
     if g.get("stream_timer") is None:  # a relayed stream is timed when it ends
         started = g.get("started")
         seconds = time.perf_counter() - started if started is not None else 0.0
         if status < 400:
-            _child(LATENCY, model, route).observe(seconds)
+            child(LATENCY, model, route).observe(seconds)
         if model:
-            current_app.extensions["series"].request(model, seconds, None, status)
+            services().series.request(model, seconds, None, status)
     return response
 
 
@@ -133,7 +84,7 @@ class StreamTimer:
         self.route = request.url_rule.rule
         self.started = g.get("started") or time.perf_counter()
         self.first_at: float | None = None
-        self.series = current_app.extensions["series"]
+        self.series = services().series
         g.stream_timer = self
 
     def first(self) -> None:
@@ -143,29 +94,12 @@ class StreamTimer:
         seconds = time.perf_counter() - self.started
         ttft = None if self.first_at is None else self.first_at - self.started
         if outcome == "complete":
-            _child(LATENCY, self.model, self.route).observe(seconds)
+            child(LATENCY, self.model, self.route).observe(seconds)
             if ttft is not None:
-                _child(TTFT, self.model).observe(ttft)
+                child(TTFT, self.model).observe(ttft)
         # 499 (nginx's "client closed request"): counted as a call, neither error nor latency.
         status = {"complete": 200, "engine_error": 502}.get(outcome, 499)
         self.series.request(self.model, seconds, ttft, status)
-
-
-# -- counting (Celery workers) -----------------------------------------------------------------
-
-def batch_line_finished(model: str, ok: bool) -> None:
-    _child(BATCH_LINES, model, "completed" if ok else "failed").inc()
-
-
-def engine_started(series: SeriesRecorder):
-    """The control plane's `on_started(model, kind, seconds)`: counted here and charted."""
-
-    def on_started(model: str, kind: str, seconds: float) -> None:
-        COLD_STARTS.labels(model, kind).inc()
-        COLD_START_SECONDS.labels(model, kind).observe(seconds)
-        series.engine_started(model, kind, seconds)
-
-    return on_started
 
 
 # -- what Redis knows, read when scraped -------------------------------------------------------
@@ -173,8 +107,8 @@ def engine_started(series: SeriesRecorder):
 class StateCollector:
     """Runtime states, failures, queue depths, jobs and downloads, read from Redis per scrape."""
 
-    def __init__(self, ext):
-        self.ext = ext
+    def __init__(self, gw: Gateway):
+        self.gw = gw
 
     def collect(self):
         up = GaugeMetricFamily("gateway_redis_up", "1 if Redis answered this scrape.")
@@ -190,8 +124,8 @@ class StateCollector:
         yield from families
 
     def _families(self):
-        ext = self.ext
-        registry = ext["registry"]
+        gw = self.gw
+        registry = gw.services.registry
         now = time.time()
         records = registry.all()
         inflight = registry.inflight([r.id for r in records], now)
@@ -222,12 +156,11 @@ class StateCollector:
 
         pending = GaugeMetricFamily("gateway_batch_pending_lines",
                                     "Batch lines waiting per model.", labels=["model"])
-        for model, count in sorted(ext["jobs"].pending().items()):
+        for model, count in sorted(gw.services.jobs.pending().items()):
             pending.add_metric([model], count)
         yield pending
 
-        options = dict(ext["celery"].conf.broker_transport_options or {})
-        lengths = overview.queue_lengths(ext["redis"], options)
+        lengths = gw.broker.queue_lengths()
         queues = GaugeMetricFamily("gateway_queue_messages",
                                    "Celery messages waiting in Redis per queue.", labels=["queue"])
         for queue, by_step in lengths.items():
@@ -237,25 +170,25 @@ class StateCollector:
             "gateway_batch_queue_messages",
             "Celery messages waiting in queue batch per API priority (9 runs first).",
             labels=["priority"])
-        for step, length in sorted(lengths[overview.BATCH_QUEUE].items()):
-            by_priority.add_metric([str(overview.api_priority(step))], length)
+        for step, length in sorted(lengths[BATCH_QUEUE].items()):
+            by_priority.add_metric([str(api_priority(step))], length)
         yield by_priority
 
         jobs = GaugeMetricFamily("gateway_open_jobs", "Batch jobs not yet in a final state.")
-        jobs.add_metric([], ext["redis"].zcard(f"{ext['jobs'].prefix}:jobs:open"))
+        jobs.add_metric([], gw.services.jobs.open_count())
         yield jobs
 
-        yield from overview.download_metrics(ext)
+        yield from overview.download_metrics(gw)
 
 
-def scrape(ext) -> bytes:
+def scrape(gw: Gateway) -> bytes:
     if MULTIPROC_DIR:
         counted = CollectorRegistry()
         multiprocess.MultiProcessCollector(counted, path=MULTIPROC_DIR)
     else:
         counted = LOCAL
     state = CollectorRegistry(auto_describe=False)
-    state.register(StateCollector(ext))
+    state.register(StateCollector(gw))
     return generate_latest(counted) + generate_latest(state)
 
 
@@ -266,17 +199,11 @@ bp = Blueprint("metrics", __name__)
 @require_scope("monitor")
 @documented("Prometheus metrics", content_type="text/plain")
 def metrics():
-    return Response(scrape(current_app.extensions), content_type=CONTENT_TYPE_LATEST)
+    return Response(scrape(gateway()), content_type=CONTENT_TYPE_LATEST)
 
 
 def register_metrics(app: Flask) -> None:
-    """Count every answer, and wire the counters of engine starts, batch lines and the charts."""
-    ext = app.extensions
-    series = SeriesRecorder(ext["redis"], sample_queues=lambda: overview.queue_sample(ext))
-    ext["series"] = series
-    ext["usage"].series = series
-    ext["control"].on_started = engine_started(series)
-    ext["batches"].on_line = batch_line_finished
+    """Count every answer, and serve /metrics."""
     app.before_request(_start_clock)
     app.after_request(_count_answer)
     app.register_blueprint(bp)

@@ -15,25 +15,25 @@ cache deletion also takes a repo id, for repos no catalog entry names any more).
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, url_for
+from flask import Blueprint, g, url_for
 
 from runtimes.catalog import ModelSpec
-from runtimes.storage import StorageError, free_bytes, hub_dir
+from runtimes.storage import free_bytes, hub_dir
 from runtimes.weights import ModelWeights, NotCached, WeightsInUse
-from tasks.downloads import enqueue_prime
 from webapp.apidoc import documented
 from webapp.auth import check_model_allowed, require_scope
+from webapp.context import services
 from webapp.errors import APIError
 
 bp = Blueprint("models", __name__)
 
 
 def _weights() -> ModelWeights:
-    return current_app.extensions["weights"]
+    return services().weights
 
 
 def _spec(model: str) -> ModelSpec:
-    spec = current_app.extensions["catalog"].get(model)
+    spec = services().catalog.get(model)
     if spec is None:
         raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
                        param="model")
@@ -100,7 +100,7 @@ def list_cache():
 @require_scope("upload")
 @documented("Remove a model from the cache (409 while in use)")
 def delete_cached(model: str):
-    spec = current_app.extensions["catalog"].get(model)
+    spec = services().catalog.get(model)
     if spec is not None:
         check_model_allowed(g.api_key, spec.id)
     try:
@@ -127,7 +127,7 @@ def _prime_view(spec: ModelSpec, state: dict) -> dict:
 def prime(model: str):
     spec = _spec(model)
     try:
-        state, _ = _weights().ask_prime(spec, enqueue_prime)
+        state, _ = _weights().ask_prime(spec, services().queue.send_prime)
     except NotCached as exc:
         raise APIError(409, str(exc), code="model_not_cached", param="model") from None
     view = _prime_view(spec, state)
@@ -144,9 +144,7 @@ def prime_status(model: str):
         raise APIError(404, f"No priming of '{spec.id}' was asked for.", code="prime_not_found",
                        param="model")
     view = _prime_view(spec, state)
-    try:
-        found = _weights().measure(spec)
-    except (OSError, StorageError):
-        found = None
-    view["residency"] = found.describe() if found else None
+    # As the workers last measured it (runtimes.weights.ModelWeights.note_residency): never
+    # a mincore over the weights in a web worker.
+    view["residency"] = _weights().seen_residency(spec.repo_id)
     return view

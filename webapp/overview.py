@@ -1,7 +1,7 @@
 """What the dashboard shows, read from Redis: runtimes and GPUs, failures, queues, jobs, downloads.
 
-`overview(ext)` builds one JSON-ready snapshot from the app's services (`app.extensions`); the
-dashboard polls it every few seconds. `queue_sample(ext)` is the part the chart series samples.
+`overview(gw)` builds one JSON-ready snapshot from the app's services (`webapp.context`); the
+dashboard polls it every few seconds. `queue_sample(gw)` is the part the chart series samples.
 Everything is read, nothing changed; no Flask request is needed, so the usage reporter can call it.
 """
 
@@ -11,12 +11,13 @@ import time
 
 from prometheus_client.core import GaugeMetricFamily
 
+from jobs.store import JobStore
 from runtimes.policy import MAX_FAILED_STARTS
 from runtimes.registry import READY, SLEEPING, STARTING, RuntimeRecord
+from tasks.broker import BATCH_QUEUE, BrokerStats, api_priority
 from webapp.coldstart import estimate_start_seconds
+from webapp.context import Gateway
 
-BATCH_QUEUE = "batch"
-QUEUES = ("batch", "control", "downloads")
 # Keep the page light: the newest jobs of each kind, the newest decisions.
 JOBS_SHOWN = 15
 DECISIONS_SHOWN = 40
@@ -25,80 +26,43 @@ LOG_LINES_SHOWN = 20
 RECENT_DOWNLOAD_SECONDS = 3600
 
 
-# -- Celery queues in Redis ------------------------------------------------------------------
-
-def queue_keys(options: dict, queue: str) -> list[tuple[int, str]]:
-    """(Celery priority, Redis list) of each priority step of `queue`.
-
-    kombu's Redis transport keeps one list per step: the queue's name for step 0, else
-    `<queue><sep><step>` (kombu.transport.redis.Channel._q_for_pri), under `global_keyprefix`.
-    """
-    steps = options.get("priority_steps") or [0, 3, 6, 9]
-    sep = options.get("sep", "\x06\x16")
-    prefix = options.get("global_keyprefix", "")
-    return [(step, f"{prefix}{queue}{sep}{step}" if step else f"{prefix}{queue}")
-            for step in steps]
-
-
-def queue_lengths(client, options: dict) -> dict[str, dict[int, int]]:
-    """Messages waiting per queue and per Celery priority step."""
-    plan = [(queue, step, key) for queue in QUEUES for step, key in queue_keys(options, queue)]
-    pipe = client.pipeline(transaction=False)
-    for _, _, key in plan:
-        pipe.llen(key)
-    lengths: dict[str, dict[int, int]] = {queue: {} for queue in QUEUES}
-    for (queue, step, _), length in zip(plan, pipe.execute(), strict=True):
-        lengths[queue][step] = int(length)
-    return lengths
-
-
-def api_priority(celery_priority: int) -> int:
-    """The API's 0-9 (larger sooner) of a Celery priority (smaller sooner): tasks.batch."""
-    return 9 - celery_priority
-
-
-def _broker_options(ext) -> dict:
-    return dict(ext["celery"].conf.broker_transport_options or {})
-
-
-def queue_sample(ext) -> dict[str, int]:
+def queue_sample(jobs: JobStore, broker: BrokerStats) -> dict[str, int]:
     """Queue depths for the chart series: batch lines per model, `batch` messages per priority."""
-    sample = {f"pending|{model}": count for model, count in ext["jobs"].pending().items()}
-    by_step = queue_lengths(ext["redis"], _broker_options(ext))[BATCH_QUEUE]
-    for step, length in by_step.items():
-        sample[f"celery|{api_priority(step)}"] = length
+    sample = {f"pending|{model}": count for model, count in jobs.pending().items()}
+    for priority, length in broker.batch_by_priority().items():
+        sample[f"celery|{priority}"] = length
     return sample
 
 
 # -- the snapshot ------------------------------------------------------------------------------
 
-def overview(ext, now: float | None = None) -> dict:
+def overview(gw: Gateway, now: float | None = None) -> dict:
     now = time.time() if now is None else now
-    registry = ext["registry"]
+    registry = gw.services.registry
     records = registry.all()
     inflight = registry.inflight([r.id for r in records], now)
     last_used = registry.last_used()
     failed = registry.failed_starts()
-    pending = ext["jobs"].pending()
-    runtimes = [_runtime(ext, r, records, inflight, last_used, now) for r in records]
+    pending = gw.services.jobs.pending()
+    runtimes = [_runtime(gw, r, records, inflight, last_used, now) for r in records]
     runtimes.sort(key=lambda r: (r["model"], r["created_at"]))
-    settings = ext["settings"]
+    settings = gw.services.settings
     return {
         "now": now,
-        "gpus": _gpus(ext["control"].gpu_inventory, runtimes),
+        "gpus": _gpus(gw.services.control.gpu_inventory, runtimes),
         "runtimes": runtimes,
-        "models": _models(ext, records, failed, pending, registry.demand(), now),
-        "queues": _queues(ext, pending),
-        "jobs": _jobs(ext["jobs"]),
-        "downloads": _downloads(ext),
+        "models": _models(gw, records, failed, pending, registry.demand(), now),
+        "queues": _queues(gw, pending),
+        "jobs": _jobs(gw.services.jobs),
+        "downloads": _downloads(gw),
         "decisions": registry.recent_decisions(DECISIONS_SHOWN),
         "web_workers": _live_web_workers(registry, now),
         "flower": {"url": settings.flower_url, "port": settings.flower_port},
     }
 
 
-def _runtime(ext, record: RuntimeRecord, records: list[RuntimeRecord], inflight: dict[str, int],
-             last_used: dict[str, float], now: float) -> dict:
+def _runtime(gw: Gateway, record: RuntimeRecord, records: list[RuntimeRecord],
+             inflight: dict[str, int], last_used: dict[str, float], now: float) -> dict:
     view = {
         "id": record.id, "model": record.model, "engine": record.engine,
         "backend": record.backend, "state": record.state, "reason": record.reason,
@@ -116,13 +80,14 @@ def _runtime(ext, record: RuntimeRecord, records: list[RuntimeRecord], inflight:
         active = max(last_used.get(record.id, 0.0), record.ready_at)
         view["idle_seconds"] = round(max(0.0, now - active), 1)
     if record.state == STARTING:
-        spec = ext["catalog"].get(record.model)
+        spec = gw.services.catalog.get(record.model)
         elapsed = now - record.created_at
         view["elapsed_seconds"] = round(elapsed, 1)
         if spec is not None:
             same_model = [r for r in records if r.model == record.model]
-            estimate = estimate_start_seconds(ext["registry"], spec,
-                                              ext["settings"].default_start_seconds, same_model)
+            estimate = estimate_start_seconds(gw.services.registry, spec,
+                                              gw.services.settings.default_start_seconds,
+                                              same_model)
             view["estimate_seconds"] = round(estimate, 1)
             view["eta_seconds"] = round(estimate - elapsed, 1)
     return view
@@ -150,11 +115,11 @@ def _gpus(inventory: dict[str, tuple[int, ...]], runtimes: list[dict]) -> list[d
     return gpus
 
 
-def _models(ext, records: list[RuntimeRecord], failed: dict[str, int], pending: dict[str, int],
-            demand: dict[str, float], now: float) -> list[dict]:
-    registry = ext["registry"]
+def _models(gw: Gateway, records: list[RuntimeRecord], failed: dict[str, int],
+            pending: dict[str, int], demand: dict[str, float], now: float) -> list[dict]:
+    registry = gw.services.registry
     models = []
-    for spec in ext["catalog"]:
+    for spec in gw.services.catalog:
         own = [r for r in records if r.model == spec.id]
         failures = failed.get(spec.id, 0)
         last_failure = registry.last_failure(spec.id) if failures else None
@@ -175,15 +140,15 @@ def _models(ext, records: list[RuntimeRecord], failed: dict[str, int], pending: 
     return models
 
 
-def _queues(ext, pending: dict[str, int]) -> dict:
-    lengths = queue_lengths(ext["redis"], _broker_options(ext))
+def _queues(gw: Gateway, pending: dict[str, int]) -> dict:
+    lengths = gw.broker.queue_lengths()
     return {
         "batch_pending": pending,
         "batch_by_priority": {str(api_priority(step)): n
                               for step, n in sorted(lengths[BATCH_QUEUE].items(), reverse=True)},
         "messages": {queue: sum(by_step.values()) for queue, by_step in lengths.items()},
         # Delivered to a worker but not acknowledged: running, or held back with a countdown.
-        "unacked": int(ext["redis"].hlen("unacked")),
+        "unacked": gw.broker.unacked(),
     }
 
 
@@ -213,26 +178,24 @@ def _jobs(jobs) -> dict:
     completions, _ = jobs.list("completion", None, None, JOBS_SHOWN)
     runs, _ = jobs.list("eval_run", None, None, JOBS_SHOWN)
     return {
-        "open": int(jobs.redis.zcard(f"{jobs.prefix}:jobs:open")),
+        "open": jobs.open_count(),
         "batches": [_job(j) for j in batches],
         "completions": [_job(j) for j in completions],
         "eval_runs": [_eval_run(jobs, j) for j in runs],
     }
 
 
-def _downloads(ext, now: float | None = None) -> list[dict]:
+def _downloads(gw: Gateway, now: float | None = None) -> list[dict]:
     """Downloads and page-cache primings under way, or finished within the last hour.
 
     Read through runtimes.weights.ModelWeights (their state is in Redis, one entry per repo and
-    revision); an app without it shows none.
+    revision).
     """
-    weights = ext.get("weights")
-    if weights is None:
-        return []
+    weights = gw.services.weights
     now = time.time() if now is None else now
     items: list[dict] = []
     seen: set[tuple[str, str | None]] = set()
-    for spec in ext["catalog"]:
+    for spec in gw.services.catalog:
         if (spec.repo_id, spec.revision) in seen:  # models sharing weights share their state
             continue
         seen.add((spec.repo_id, spec.revision))
@@ -267,7 +230,7 @@ def _recent(state: dict, now: float) -> bool:
     return finished is None or now - float(finished) < RECENT_DOWNLOAD_SECONDS
 
 
-def download_metrics(ext):
+def download_metrics(gw: Gateway):
     """Prometheus families of the downloads (for webapp.metrics' collector)."""
     states = GaugeMetricFamily("gateway_downloads", "Downloads and primings by kind and state.",
                                labels=["kind", "state"])
@@ -278,7 +241,7 @@ def download_metrics(ext):
                               "Bytes a download or priming will have, per model.",
                               labels=["model", "kind"])
     counts: dict[tuple[str, str], int] = {}
-    for item in _downloads(ext):
+    for item in _downloads(gw):
         kind, state = item["kind"], item["state"] or ""
         counts[(kind, state)] = counts.get((kind, state), 0) + 1
         done.add_metric([item["model"], kind], item["done_bytes"] or 0)
@@ -289,5 +252,4 @@ def download_metrics(ext):
 
 
 def _live_web_workers(registry, now: float) -> int:
-    seen = registry.redis.hgetall(registry.key("workers"))
-    return sum(1 for at in seen.values() if now - float(at) < 10.0)
+    return sum(1 for at in registry.web_workers().values() if now - at < 10.0)

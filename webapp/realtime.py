@@ -8,26 +8,28 @@ no Redis round trip unless the key has limits or the model is cold.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 
 from runtimes.catalog import ModelSpec
 from runtimes.engine_errors import normalise_engine_error
+from runtimes.engine_requests import CHAT_COMPLETION, COMPLETION
 from runtimes.registry import READY
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 from webapp import coldstart
 from webapp.apidoc import accepts, documented
 from webapp.auth import admit, check_model_allowed, require_scope
+from webapp.context import Gateway, gateway, services
 from webapp.errors import APIError
 from webapp.jsonbody import parse_json_object, read_request_body
 from webapp.metrics import StreamTimer
 from webapp.relay import engine_failure, read_body, relay_stream
-from webapp.schemas import CHAT_COMPLETION, COMPLETION, validate_body
+from webapp.schemas import validate_body
 
 bp = Blueprint("realtime", __name__)
 
 
 def _model_spec(model: str) -> ModelSpec:
-    spec = current_app.extensions["catalog"].get(model)
+    spec = services().catalog.get(model)
     if spec is None:
         raise APIError(
             404, f"The model '{model}' does not exist.", code="model_not_found", param="model"
@@ -36,7 +38,7 @@ def _model_spec(model: str) -> ModelSpec:
 
 
 def _forward(schema, path: str):
-    ext = current_app.extensions
+    gw = gateway()
     raw = read_request_body()
     body = parse_json_object(raw)
     validate_body(schema, body)
@@ -46,22 +48,21 @@ def _forward(schema, path: str):
     check_model_allowed(key, spec.id)
     release_lease = admit(key)
     request_id = g.request_id  # webapp.request_id: the caller's or a new one
-    usage = ext["usage"]
-    usage.arrived(spec.id)
+    gw.usage.arrived(spec.id)
     try:
-        return _send(ext, spec, path, raw, request_id, bool(body.get("stream")), release_lease)
+        return _send(gw, spec, path, raw, request_id, bool(body.get("stream")), release_lease)
     except BaseException:
         if release_lease is not None:
             release_lease()
         raise
 
 
-def _open_upstream(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str):
+def _open_upstream(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_id: str):
     """Send the call to a ready instance; return it and the engine's unread answer.
 
     The call counts as in flight on the instance from here; the caller ends it.
     """
-    router, usage, client = ext["router"], ext["usage"], ext["engine_client"]
+    router, usage, client = gw.services.router, gw.usage, gw.engine_client
     for attempt in (1, 2):
         record = router.pick(spec.id, usage.inflight) or coldstart.await_runtime(spec)
         usage.begin(record.id, spec.id)
@@ -75,7 +76,7 @@ def _open_upstream(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str)
             # The cached route may be stale (the engine was stopped a moment ago): look again,
             # unless the registry still calls it ready, which means the engine is in trouble.
             router.invalidate()
-            current = ext["registry"].get(record.id)
+            current = gw.services.registry.get(record.id)
             if attempt == 2 or (current is not None and current.state == READY):
                 raise APIError(502, "The model's engine refused the connection.",
                                type="server_error", code="engine_unreachable") from None
@@ -85,10 +86,10 @@ def _open_upstream(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str)
     raise AssertionError("unreachable")
 
 
-def _send(ext, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: bool,
+def _send(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: bool,
           release_lease) -> Response:
-    usage = ext["usage"]
-    record, upstream = _open_upstream(ext, spec, path, raw, request_id)
+    usage = gw.usage
+    record, upstream = _open_upstream(gw, spec, path, raw, request_id)
 
     headers = {"X-Request-Id": request_id}
     if not stream or upstream.status != 200:
@@ -144,7 +145,7 @@ def _states() -> dict[str, str]:
     """Each model's most useful state among its instances: ready beats starting, etc."""
     rank = ("failed", "stopping", "draining", "sleeping", "starting", "ready")
     states: dict[str, str] = {}
-    for record in current_app.extensions["registry"].all():
+    for record in services().registry.all():
         if rank.index(record.state) > rank.index(states.get(record.model, "failed")):
             states[record.model] = record.state
         else:
@@ -163,7 +164,7 @@ def _model_object(spec: ModelSpec, states: dict[str, str]) -> dict:
 def list_models():
     key = g.api_key
     states = _states()
-    data = [_model_object(spec, states) for spec in current_app.extensions["catalog"]
+    data = [_model_object(spec, states) for spec in services().catalog
             if key.allows_model(spec.id)]
     return {"object": "list", "data": data}
 
@@ -172,7 +173,7 @@ def list_models():
 @require_scope("realtime")
 @documented("One model (ids hold slashes: /v1/models/org/name)")
 def retrieve_model(model_id: str):
-    spec = current_app.extensions["catalog"].get(model_id)
+    spec = services().catalog.get(model_id)
     if spec is None or not g.api_key.allows_model(spec.id):
         raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found",
                        param="model")

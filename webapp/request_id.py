@@ -2,14 +2,14 @@
 
 It is set before any view runs (so auth errors carry it too), returned on every answer, sent to
 the engine with a realtime call (webapp.realtime), and added to each log line written while the
-request is handled (webapp.logs.RequestIdFilter).
+request is handled (`current_request_id`, given to config.logs.configure_logging).
 """
 
 from __future__ import annotations
 
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, has_request_context, request
 
 MAX_LENGTH = 128
 
@@ -26,6 +26,11 @@ def _return(response: Response) -> Response:
     if rid is not None:
         response.headers["X-Request-Id"] = rid
     return response
+
+
+def current_request_id() -> str | None:
+    """The id of the request this thread (greenlet) is handling, if any."""
+    return g.get("request_id") if has_request_context() else None
 
 
 def register_request_id(app: Flask) -> None:

@@ -12,17 +12,26 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
 from runtimes.registry import RuntimeRegistry
+from services.timeseries import SeriesRecorder
 
 log = logging.getLogger(__name__)
 
 
 class UsageTracker:
-    def __init__(self, registry: RuntimeRegistry, interval: float = 1.0):
+    """`series` (the dashboard's chart series) is written with each report, and once a bucket
+    the queue depths `sample_queues` returns."""
+
+    def __init__(self, registry: RuntimeRegistry, series: SeriesRecorder | None = None,
+                 sample_queues: Callable[[], dict[str, int]] | None = None,
+                 interval: float = 1.0):
         self.registry = registry
+        self.series = series
+        self.sample_queues = sample_queues
         self.interval = interval
         self.inflight: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
@@ -31,8 +40,6 @@ class UsageTracker:
         self._served: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        # The dashboard's chart series (webapp.timeseries), written with each report.
-        self.series = None
 
     @property
     def worker_id(self) -> str:
@@ -89,7 +96,7 @@ class UsageTracker:
             if self.inflight.get(instance_id) == 0:
                 del self.inflight[instance_id]
         if self.series is not None:
-            self.series.flush()
+            self.series.flush(sample_queues=self.sample_queues)
 
     def _run(self) -> None:
         while True:

@@ -48,8 +48,10 @@ class Backend:
 
     def start(
         self, instance_id: str, spec: ModelSpec, engine: Engine, gpus: tuple[int, ...],
-        gpu_host: str = "local",
+        gpu_host: str = "local", memory_fraction: float | None = None,
     ) -> Started:
+        """Run one engine on `gpus` of `gpu_host`; `memory_fraction`: its share of each GPU's
+        memory when it shares them (runtimes.placement), passed as the engine's memory flag."""
         raise NotImplementedError
 
     def stop(self, handle: str, grace: float = 10.0) -> None:

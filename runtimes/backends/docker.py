@@ -71,6 +71,12 @@ def hf_snapshot_cached(hf_home: Path, repo_id: str, revision: str | None = None)
     return snapshot_complete(hf_home, repo_id, revision)
 
 
+def uses_no_gpu(spec: ModelSpec, engine: Engine) -> bool:
+    """True for engines that never touch a GPU: the sim, and vLLM's CPU build (the catalog
+    entry says VLLM_TARGET_DEVICE=cpu, as config/models.cpu.json does)."""
+    return engine.name == "sim" or dict(spec.env).get("VLLM_TARGET_DEVICE") == "cpu"
+
+
 class DockerBackend(Backend):
     name = "docker"
 
@@ -222,12 +228,13 @@ class DockerBackend(Backend):
 
     def create(
         self, instance_id: str, spec: ModelSpec, engine: Engine, gpus: tuple[int, ...] = (),
-        gpu_host: str = "local",
+        gpu_host: str = "local", memory_fraction: float | None = None,
     ) -> Container:
         """Create (not start) the container of one engine instance."""
         host = self._host(gpu_host)
         client = self.client(host.name)
-        launch = engine.launch(spec, host="0.0.0.0", port=CONTAINER_PORT, in_container=True)
+        launch = engine.launch(spec, host="0.0.0.0", port=CONTAINER_PORT, in_container=True,
+                               memory_fraction=memory_fraction)
         image = self.image_for(spec)
         kwargs: dict = {
             "image": image,
@@ -245,16 +252,17 @@ class DockerBackend(Backend):
             # vLLM and NCCL exchange tensors through /dev/shm; Docker's default 64 MB is too
             # small, and sharing the host's IPC namespace is what their docs recommend.
             kwargs["ipc_mode"] = "host"
-        if gpus and engine.name == "sim":
-            # The sim engine uses no GPU: it is told its GPUs (so placement is exercised
-            # end to end) without asking Docker for devices a GPU-less test machine lacks.
+        if gpus and uses_no_gpu(spec, engine):
+            # The sim engine and CPU builds use no GPU: they are told their GPUs (so placement
+            # is exercised end to end) without asking Docker for devices a GPU-less test
+            # machine lacks.
             kwargs["environment"] = {**kwargs.get("environment", {}),
                                      "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
         elif gpus:
             kwargs["device_requests"] = [
                 DeviceRequest(device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])
             ]
-        elif engine.name != "sim" and spec.gpus > 0:
+        elif not uses_no_gpu(spec, engine) and spec.gpus > 0:
             # GPUs unmanaged (GPUS unset and no nvidia-smi here, as in a compose container):
             # the engine gets every GPU of the host, as an engine process would see them.
             kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
@@ -275,10 +283,10 @@ class DockerBackend(Backend):
 
     def start(
         self, instance_id: str, spec: ModelSpec, engine: Engine, gpus: tuple[int, ...],
-        gpu_host: str = "local",
+        gpu_host: str = "local", memory_fraction: float | None = None,
     ) -> Started:
         host = self._host(gpu_host)
-        container = self.create(instance_id, spec, engine, gpus, gpu_host)
+        container = self.create(instance_id, spec, engine, gpus, gpu_host, memory_fraction)
         try:
             with self._api(host, f"start the container of {instance_id}"):
                 container.start()

@@ -5,6 +5,11 @@ start time of the process, so a recycled pid is never mistaken for ours) and a l
 engine runs under a small `sh` wrapper in its own session that writes the engine's exit code to
 `<instance_id>.exit` when it ends by itself, so a crash is seen with its code even by an
 orchestrator that was restarted in between. Stop sends SIGTERM to the group, then SIGKILL.
+
+Each engine also gets a private TMPDIR, removed when it is stopped: vLLM leaves its IPC sockets
+there, and would otherwise leave them behind in /tmp at every start. It is a short path of its own
+(`/tmp/llm-gw-XXXX`), not one under the state directory, since a Unix socket's path may not be
+longer than 107 bytes.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +35,13 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # "$@" is the engine's argv; its exit code is kept when it ends by itself.
 _WRAPPER = '"$@"; echo $? > "$GW_EXIT_FILE"'
+
+
+# The orchestrator's own variables that an engine must not inherit. vLLM's server uses
+# prometheus_client too: given the orchestrator's multiprocess directory it would serve the
+# gateway's metrics as its own /metrics (hiding vllm:num_requests_waiting from the autoscaler)
+# and write its values among the gateway's.
+_ORCHESTRATOR_ONLY = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,28 +66,40 @@ def _process_start_ticks(pid: int) -> int | None:
 class ProcessBackend(Backend):
     name = "process"
 
-    def __init__(self, state_dir: Path, host: str = "127.0.0.1", base_env: dict | None = None):
+    def __init__(self, state_dir: Path, host: str = "127.0.0.1", base_env: dict | None = None,
+                 path_prepend: tuple[str, ...] = ()):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.base_env = base_env or {}
+        # Directories put first on the engines' PATH (the vLLM venv's bin/, runtimes.factory).
+        self.path_prepend = tuple(path_prepend)
         self._children: dict[str, subprocess.Popen] = {}
 
     def _paths(self, instance_id: str) -> tuple[Path, Path, Path]:
         base = self.state_dir / instance_id
         return base.with_suffix(".json"), base.with_suffix(".log"), base.with_suffix(".exit")
 
-    def start(self, instance_id, spec: ModelSpec, engine: Engine, gpus, gpu_host="local"):
+    def start(self, instance_id, spec: ModelSpec, engine: Engine, gpus, gpu_host="local",
+              memory_fraction=None):
         state_path, log_path, exit_path = self._paths(instance_id)
         port = free_port(self.host)
-        launch = engine.launch(spec, self.host, port, in_container=False)
+        launch = engine.launch(spec, self.host, port, in_container=False,
+                               memory_fraction=memory_fraction)
         env = {**os.environ, **self.base_env, **launch.env, "GW_EXIT_FILE": str(exit_path)}
+        for name in _ORCHESTRATOR_ONLY:
+            if name not in launch.env:
+                env.pop(name, None)
         hf_home = self.base_env.get("HF_HOME")
         if hf_home and "HF_HUB_OFFLINE" not in launch.env and snapshot_complete(
                 Path(hf_home), spec.repo_id, spec.revision):
             # As the docker backend does: the engine loads from the cache, asking the Hub nothing.
             env["HF_HUB_OFFLINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        if self.path_prepend:
+            env["PATH"] = os.pathsep.join([*self.path_prepend, env.get("PATH", os.defpath)])
+        tmpdir = tempfile.mkdtemp(prefix="llm-gw-")
+        env["TMPDIR"] = tmpdir
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         exit_path.unlink(missing_ok=True)
@@ -89,6 +115,7 @@ class ProcessBackend(Backend):
                     start_new_session=True,
                 )
             except OSError as exc:
+                shutil.rmtree(tmpdir, ignore_errors=True)
                 raise BackendError(f"cannot run {launch.argv[0]}: {exc.strerror}") from None
         self._children[instance_id] = child
         state = {
@@ -102,6 +129,7 @@ class ProcessBackend(Backend):
             "gpus": list(gpus),
             "fingerprint": spec.fingerprint,
             "started_at": time.time(),
+            "tmpdir": tmpdir,
         }
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -169,6 +197,9 @@ class ProcessBackend(Backend):
         child = self._children.pop(handle, None)
         if child is not None:
             child.wait(timeout=5)
+        tmpdir = (state or {}).get("tmpdir")
+        if tmpdir and Path(tmpdir).name.startswith("llm-gw-"):
+            shutil.rmtree(tmpdir, ignore_errors=True)
         state_path, _, exit_path = self._paths(handle)
         state_path.unlink(missing_ok=True)
         exit_path.unlink(missing_ok=True)

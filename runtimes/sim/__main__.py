@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from runtimes.sim.config import SimConfig
+from runtimes.sim.scheduler import POLICIES
 from runtimes.sim.server import build_app
 from runtimes.storage import RepoCache
 
@@ -116,6 +117,18 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         help="load the snapshot of this repo from the HF cache at $HF_HOME, as vLLM does offline",
     )
     parser.add_argument("--revision", default=None, help="with --hf-repo: branch, tag or commit")
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=POLICIES,
+        default="fcfs",
+        help="vLLM's: the order waiting requests start in (priority: lowest `priority` first)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=_non_negative_float,
+        default=None,
+        help="accepted as vLLM's (the share of each GPU placement gave it); the sim holds none",
+    )
     args = parser.parse_args(argv)
     return SimConfig(
         model=args.model,
@@ -131,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         sleep_seconds=args.sleep_seconds,
         wake_seconds=args.wake_seconds,
         snapshot_dir=args.snapshot_dir or _cached_snapshot(args.hf_repo, args.revision),
+        scheduling_policy=args.scheduling_policy,
+        root=args.hf_repo,
     )
 
 

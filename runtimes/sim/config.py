@@ -22,3 +22,5 @@ class SimConfig:
     sleep_seconds: float = 0.2
     wake_seconds: float = 0.5
     snapshot_dir: str | None = None
+    scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs | priority
+    root: str | None = None  # what /v1/models reports as `root`: the repo loaded, as vLLM does

@@ -75,7 +75,10 @@ class EngineMetrics:
     def __init__(self) -> None:
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.successes: dict[str, int] = {"stop": 0, "length": 0}
+        # vLLM's finished reasons; the sim's requests only ever stop or reach their length (a
+        # request whose client hung up is not counted, as vLLM does not count it either).
+        self.successes: dict[str, int] = {"stop": 0, "length": 0, "abort": 0, "error": 0,
+                                          "repetition": 0}
         self.client_disconnects = 0
         self.ttft = _Histogram(_TTFT_BUCKETS)
         self.e2e = _Histogram(_E2E_BUCKETS)
@@ -86,8 +89,9 @@ class EngineMetrics:
             self.successes[generation.finish_reason] += 1
         self.e2e.observe(e2e_seconds)
 
-    def render(self, model_name: str, scheduler: SlotScheduler) -> str:
-        label = f'model_name="{_escape_label(model_name)}"'
+    def render(self, model_name: str, scheduler: SlotScheduler, sleep_level: int = 0) -> str:
+        # vLLM labels every engine series with the engine index (0: one engine per server).
+        label = f'engine="0",model_name="{_escape_label(model_name)}"'
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -98,6 +102,19 @@ class EngineMetrics:
         lines.append(f"vllm:num_requests_running{{{label}}} {float(scheduler.running)}")
         family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.")
         lines.append(f"vllm:num_requests_waiting{{{label}}} {float(scheduler.waiting)}")
+        family("vllm:num_requests_waiting_by_reason", "gauge",
+               "Number of requests waiting, by the reason they wait.")
+        for reason, count in (("capacity", scheduler.waiting), ("deferred", 0)):
+            lines.append(f'vllm:num_requests_waiting_by_reason{{{label},reason="{reason}"}} '
+                         f"{float(count)}")
+        family("vllm:engine_sleep_state", "gauge",
+               "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine "
+               "is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means "
+               "sleep level 2.")
+        for state, on in (("awake", sleep_level == 0), ("weights_offloaded", sleep_level == 1),
+                          ("discard_all", sleep_level == 2)):
+            lines.append(f'vllm:engine_sleep_state{{{label},sleep_state="{state}"}} '
+                         f"{float(on)}")
         family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.")
         lines.append(
             f"vllm:kv_cache_usage_perc{{{label}}} {scheduler.running / scheduler.capacity}"
@@ -109,7 +126,7 @@ class EngineMetrics:
         family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
         for reason, count in self.successes.items():
             lines.append(
-                f'vllm:request_success_total{{finished_reason="{reason}",{label}}} {float(count)}'
+                f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {float(count)}'
             )
         for name, histogram, help_text in (
             ("vllm:time_to_first_token_seconds", self.ttft, "Histogram of time to first token."),

@@ -25,17 +25,18 @@ from aiohttp import web
 
 from runtimes.sim import __version__
 from runtimes.sim.config import SimConfig
+from runtimes.sim.fields import validation_error
+from runtimes.sim.logprobs import chat_logprobs, completion_logprobs
 from runtimes.sim.metrics import METRICS_HEADERS, EngineMetrics
 from runtimes.sim.protocol import (
     ApiError,
     GenerationJob,
-    bad_request,
     parse_chat_request,
     parse_completion_request,
     read_json_object,
 )
 from runtimes.sim.scheduler import SlotScheduler
-from runtimes.sim.textgen import Generation
+from runtimes.sim.textgen import Generation, seed_for
 
 CRASH_EXIT_CODE = 3
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -52,10 +53,14 @@ class SimEngine:
 
     def __init__(self, config: SimConfig):
         self.config = config
-        self.scheduler = SlotScheduler(config.max_concurrency)
+        self.scheduler = SlotScheduler(config.max_concurrency, config.scheduling_policy)
         self.metrics = EngineMetrics()
-        self.accepting = True  # false from the start of /sleep until /wake_up has finished
+        # Cleared from the start of /sleep until /wake_up has finished. Requests that arrive
+        # meanwhile wait for it, as vLLM holds them (it neither refuses nor queues them).
+        self.awake = asyncio.Event()
+        self.awake.set()
         self.sleeping = False  # what /is_sleeping reports: true once sleep has completed
+        self.sleep_level = 0  # 0 awake; 1 weights offloaded; 2 weights discarded
         self.transition_lock = asyncio.Lock()
         self.requests_admitted = 0
         self.ttft_seconds = config.ttft_ms / 1000.0
@@ -70,7 +75,7 @@ class SimEngine:
                         "object": "model",
                         "created": int(time.time()),
                         "owned_by": "vllm",
-                        "root": config.model,
+                        "root": config.root or config.model,
                         "parent": None,
                         "max_model_len": config.max_model_len,
                     }
@@ -211,6 +216,15 @@ async def _send_paced(
         await response.write("".join(pending).encode())
 
 
+def _logprobs(job: GenerationJob, generation: Generation, index: int) -> dict | None:
+    if job.logprobs is None:
+        return None
+    seed = seed_for(generation.text) + index
+    if job.kind == "chat":
+        return chat_logprobs(generation, job.logprobs, seed)
+    return completion_logprobs(generation, job.logprobs, seed)
+
+
 async def _respond_whole(
     engine: SimEngine,
     job: GenerationJob,
@@ -237,7 +251,7 @@ async def _respond_whole(
             {
                 "index": i,
                 "message": {"role": "assistant", "content": g.text},
-                "logprobs": None,
+                "logprobs": _logprobs(job, g, i),
                 "finish_reason": g.finish_reason,
                 "stop_reason": g.stop_reason,
             }
@@ -249,7 +263,7 @@ async def _respond_whole(
             {
                 "index": i,
                 "text": g.text,
-                "logprobs": None,
+                "logprobs": _logprobs(job, g, i),
                 "finish_reason": g.finish_reason,
                 "stop_reason": g.stop_reason,
             }
@@ -270,10 +284,6 @@ async def _respond_whole(
 
 async def _serve_generation(request: web.Request, kind: str) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
-    if not engine.accepting:
-        return ApiError(
-            503, "The engine is sleeping; call /wake_up first.", "ServiceUnavailableError"
-        ).response()
     try:
         body = await read_json_object(request)
         if kind == "chat":
@@ -290,7 +300,8 @@ async def _serve_generation(request: web.Request, kind: str) -> web.StreamRespon
     loop = asyncio.get_running_loop()
     arrived = loop.time()
     try:
-        await engine.scheduler.acquire()
+        await engine.awake.wait()
+        await engine.scheduler.acquire(job.priority)
     except asyncio.CancelledError:
         engine.metrics.client_disconnects += 1
         raise
@@ -332,26 +343,45 @@ async def _version(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    text = engine.metrics.render(engine.config.model, engine.scheduler)
+    text = engine.metrics.render(engine.config.model, engine.scheduler, engine.sleep_level)
     return web.Response(body=text.encode(), headers=METRICS_HEADERS)
+
+
+def _sleep_level(request: web.Request) -> int:
+    """`?level=` as vLLM's query model reads it: an integer, 1 or 2 (default 1)."""
+    raw = request.query.get("level", "1")
+    try:
+        level = int(raw)
+    except ValueError:
+        raise validation_error("query.level", "int_parsing", "Input should be a valid integer, "
+                               "unable to parse string as an integer", raw) from None
+    if level > 2:
+        raise validation_error("query.level", "less_than_equal",
+                               "Input should be less than or equal to 2", raw)
+    if level < 1:
+        raise validation_error("query.level", "greater_than_equal",
+                               "Input should be greater than or equal to 1", raw)
+    return level
 
 
 async def _sleep(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    level = request.query.get("level", "1")
-    if level not in ("1", "2"):
-        return bad_request(f"Sleep level must be 1 or 2, got {level!r}.", "level").response()
+    try:
+        level = _sleep_level(request)
+    except ApiError as error:
+        return error.response()
     async with engine.transition_lock:
         if not engine.sleeping:
-            engine.accepting = False
+            engine.awake.clear()
             try:
                 await asyncio.sleep(engine.config.sleep_seconds)  # offloading weights takes time
             except asyncio.CancelledError:
                 # The caller hung up before the weights were offloaded: keep serving.
-                engine.accepting = True
+                engine.awake.set()
                 raise
             engine.sleeping = True
-    return web.Response()
+            engine.sleep_level = level
+    return web.json_response({"status": "sleeping", "level": engine.sleep_level})
 
 
 async def _wake_up(request: web.Request) -> web.Response:
@@ -360,8 +390,9 @@ async def _wake_up(request: web.Request) -> web.Response:
         if engine.sleeping:
             await asyncio.sleep(engine.config.wake_seconds)  # reloading weights takes a while
             engine.sleeping = False
-            engine.accepting = True
-    return web.Response()
+            engine.sleep_level = 0
+            engine.awake.set()
+    return web.json_response({"status": "awake", "tags": None})
 
 
 async def _is_sleeping(request: web.Request) -> web.Response:

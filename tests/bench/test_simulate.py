@@ -1,7 +1,8 @@
-"""Tests of `bench.simulate`: structural facts of the simulated runs (every call served once, no
-GPU given twice at any step, batch work done or counted late, the report) on a short generated
-trace, and a hand-built trace where ours must wake a sleeping engine the TTL baseline has either
-kept loaded or unloaded."""
+"""Tests of `bench.simulate` on the synthetic day: structural facts of the simulated runs (every
+call served once, no GPU given twice at any step, batch work done or counted late, the report)
+on a short generated trace, and a hand-built trace where ours must wake a sleeping engine the
+TTL baseline has either kept loaded or unloaded. Traces from files, GPU memory and the Azure
+scenarios: `test_simulate_traces.py`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from bench import simulate
 from bench.sim_policies import POLICIES, KeepAliveBaseline, PlanPolicy, TtlBaseline
+from bench.sim_report import render_run
 from bench.sim_trace import Call, SimModel, Trace, generate_trace
 from bench.sim_world import SimulationError, World
 
@@ -92,7 +94,7 @@ def test_batch_lines_are_all_done_or_counted_late(short_trace, short_runs):
 def test_report_has_the_three_policies_and_the_targets(short_trace, short_runs):
     results, _ = short_runs
     ordered = [results[p.name] for p in POLICIES]
-    report = simulate.render(short_trace, ordered, "python -m bench.simulate --seed 7", 1.0)
+    report = render_run(short_trace, ordered, "python -m bench.simulate --seed 7", 1.0)
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     for policy in POLICIES:
         assert any(row.startswith(f"| {policy.name} |") for row in rows), policy.name
@@ -105,7 +107,7 @@ def test_main_writes_the_report(tmp_path, capsys):
     out = tmp_path / "simulate.md"
     assert simulate.main(["--seed", "2", "--hours", "1", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("# Simulated day")
+    assert text.startswith("# Simulated synthetic day")
     assert "--seed 2 --hours 1" in text
     assert text in capsys.readouterr().out
 

@@ -7,8 +7,8 @@ import sys
 import threading
 import time
 
+from jobs.admission import AdmissionGate
 from runtimes.leases import LeaseSet
-from tasks.admission import AdmissionGate
 
 PREFIX = "test:inflight"
 
@@ -159,7 +159,7 @@ def test_two_processes_share_a_full_cap(redis_server, redis_db):
 import sys, threading, time, redis
 sys.path.insert(0, {str(__import__("pathlib").Path(__file__).resolve().parents[2])!r})
 from runtimes.leases import LeaseSet
-from tasks.admission import AdmissionGate
+from jobs.admission import AdmissionGate
 gate = AdmissionGate(LeaseSet(redis.Redis.from_url("{redis_server.url}/1"), "{PREFIX}"),
                      lambda model: 8, sync_seconds=0.2)
 def worker():

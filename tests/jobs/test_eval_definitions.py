@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from tasks.eval_definitions import (
+from jobs.eval_definitions import (
     DefinitionError,
     item_checker,
     parse_eval,

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from tasks.eval_templates import (
+from jobs.eval_templates import (
     TemplateError,
     references,
     render,
     render_message,
     schema_allows,
 )
-from tasks.graders import (
+from jobs.graders import (
     JUDGE_MAX_TOKENS,
     SIMILARITY_METRICS,
     grade_label,
@@ -212,7 +212,7 @@ def test_judge_request_renders_the_prompt_and_asks_for_a_label():
 
 def test_messages_from_the_data_are_not_templates():
     # item_reference messages come from the dataset: braces in them are text, not placeholders.
-    from tasks.eval_templates import render_messages
+    from jobs.eval_templates import render_messages
 
     messages = [{"role": "user", "content": "literal {{item.q}}"},
                 {"role": "developer", "content": [{"type": "text", "text": "chat part"}]}]

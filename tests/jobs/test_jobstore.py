@@ -1,4 +1,4 @@
-"""Recording lines' results in the job store (`tasks.jobstore`), against a real Redis."""
+"""Recording lines' results in the job store (`jobs.store`), against a real Redis."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tasks.eval_store import EvalStore
-from tasks.jobstore import JobStore, LineResult
-from tasks.tenancy import UnknownCursor
+from jobs.eval_store import EvalStore
+from jobs.store import JobStore, LineResult
+from jobs.tenancy import UnknownCursor
 
 
 def _job(store: JobStore, pending: dict[str, int], status: str = "in_progress") -> str:

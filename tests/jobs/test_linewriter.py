@@ -1,4 +1,4 @@
-"""Group commit of finished lines (`tasks.linewriter.LineWriter`), with real threads."""
+"""Group commit of finished lines (`jobs.linewriter.LineWriter`), with real threads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tasks.linewriter import LineWriter
+from jobs.linewriter import LineWriter
 
 
 def test_lines_finishing_during_a_write_go_together_in_the_next():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import SettingsError, load_settings
+from runtimes import inventory
 from runtimes.backends.base import BackendError
 from runtimes.backends.docker import DEFAULT_IMAGES, DockerBackend, hf_snapshot_cached
 from runtimes.catalog import ModelCatalog
@@ -15,8 +16,10 @@ from runtimes.inventory import (
     DEFAULT_DOCKER_URL,
     GpuHost,
     TlsFiles,
+    gpu_memory,
     gpus_by_host,
     load_inventory,
+    parse_gpu_memory,
 )
 
 BASE = {"REDIS_URL": "redis://127.0.0.1:6379/0", "AUTH_KEYS_FILE": "keys.json"}
@@ -146,3 +149,37 @@ def test_missing_tls_files_are_named_as_such(tmp_path):
                                 key=str(tmp_path / "key.pem")))
     with pytest.raises(BackendError, match="host gpu1: bad TLS settings"):
         DockerBackend([host]).list()
+
+
+# ---------------------------------------------------------------- GPU memory
+
+
+def test_gpu_memory_gb_sets_every_hosts_gpus():
+    s = settings(GPUS="0,1", GPU_MEMORY_GB="80")
+    assert s.gpu_memory_gb == 80.0
+    assert gpu_memory(s, load_inventory(s)) == {"local": 80.0}
+    hosts = settings(RUNTIME_BACKEND="docker", DOCKER_HOSTS=json.dumps(HOSTS),
+                     GPU_MEMORY_GB="48")
+    assert gpu_memory(hosts, load_inventory(hosts)) == {"gpu1": 48.0, "gpu2": 48.0}
+
+
+def test_without_gpus_there_is_no_memory_to_share():
+    s = settings(GPUS="", GPU_MEMORY_GB="80")
+    assert gpu_memory(s, load_inventory(s)) == {}
+
+
+def test_nvidia_smi_memory_is_read_in_mib_and_the_smallest_gpu_counts(monkeypatch):
+    # What `nvidia-smi --query-gpu=index,memory.total --format=csv,noheader,nounits` prints.
+    assert parse_gpu_memory("0, 81559\n1, 40960\n") == {0: pytest.approx(79.6, abs=0.1),
+                                                         1: 40.0}
+    monkeypatch.setattr(inventory, "detect_gpu_memory", lambda: {0: 79.6, 1: 40.0})
+    s = settings(GPUS="0,1")
+    assert gpu_memory(s, load_inventory(s)) == {"local": 40.0}
+    # A GPU nvidia-smi does not report: the memory is not known, engines take GPUs whole.
+    s = settings(GPUS="0,2")
+    assert gpu_memory(s, load_inventory(s)) == {}
+
+
+def test_a_bad_gpu_memory_is_named():
+    with pytest.raises(SettingsError, match="GPU_MEMORY_GB"):
+        settings(GPU_MEMORY_GB="lots")

@@ -59,9 +59,21 @@ def test_a_sleeping_engine_goes_before_an_awake_one():
     assert summary(plan(snap)) == [("stop", "c", "c-1")]
 
 
-def test_an_engine_younger_than_min_lifetime_stays():
-    actions = plan_for(on_gpus("a-1", "a", age=30.0), demand={"b": NOW - 1}, min_lifetime=60.0)
+def test_an_engine_younger_than_min_lifetime_is_not_stopped_for_batch_work():
+    actions = plan_for(on_gpus("a-1", "a", age=30.0), batch_pending={"b": 500}, min_lifetime=60.0)
     assert summary(actions) == []
+    older = plan_for(on_gpus("a-1", "a", age=90.0), batch_pending={"b": 500}, min_lifetime=60.0)
+    assert summary(older) == [("stop", "a", "a-1")]
+
+
+def test_for_a_realtime_call_value_decides_not_age():
+    """A young engine nobody has called lately costs no one anything: a waiting caller gets its
+    GPU; one called every few seconds keeps it (the caller waits)."""
+    idle = plan_for(on_gpus("a-1", "a", age=30.0), demand={"b": NOW - 1}, min_lifetime=60.0)
+    assert summary(idle) == [("stop", "a", "a-1")]
+    busy = plan_for(on_gpus("a-1", "a", age=30.0), demand={"b": NOW - 1}, min_lifetime=60.0,
+                    arrivals={"a": 100})
+    assert summary(busy) == []
 
 
 def test_batch_work_never_pushes_out_realtime_traffic():

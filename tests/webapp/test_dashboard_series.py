@@ -10,10 +10,10 @@ import pytest
 from flask import Flask
 
 import celeryconfig
-from webapp import overview
-from webapp.logs import JsonFormatter, RequestIdFilter
-from webapp.request_id import register_request_id
-from webapp.timeseries import BUCKET_SECONDS, SeriesRecorder, latency_bin, percentile
+from config.logs import JsonFormatter, RequestIdFilter
+from services.timeseries import BUCKET_SECONDS, SeriesRecorder, latency_bin, percentile
+from tasks.broker import BrokerStats, api_priority, celery_priority
+from webapp.request_id import current_request_id, register_request_id
 
 NOW = 1_700_000_000.0  # a bucket boundary: 170_000_000 * 10
 
@@ -30,17 +30,17 @@ def test_percentiles_from_bins_are_close_to_the_exact_ones():
 
 def test_series_add_up_across_workers_and_buckets(redis_db):
     depths = {"pending|m1": 7, "celery|9": 2, "celery|0": 0}
-    one = SeriesRecorder(redis_db, sample_queues=lambda: dict(depths))
-    two = SeriesRecorder(redis_db, sample_queues=lambda: {"pending|m1": 999})
+    one, two = SeriesRecorder(redis_db), SeriesRecorder(redis_db)
+    sample_one, sample_two = (lambda: dict(depths)), (lambda: {"pending|m1": 999})
     for _ in range(30):
         one.request("m1", 0.100, None, 200)
     for _ in range(10):
         two.request("m1", 0.100, 0.020, 200)
     two.request("m2", 0.001, None, 503)
-    one.flush(NOW + 1)
-    two.flush(NOW + 2)  # the same bucket: its sample was taken by `one` already
+    one.flush(NOW + 1, sample_one)
+    two.flush(NOW + 2, sample_two)  # the same bucket: its sample was taken by `one` already
     one.request("m1", 2.0, None, 200)
-    one.flush(NOW + BUCKET_SECONDS + 1)
+    one.flush(NOW + BUCKET_SECONDS + 1, sample_one)
     one.engine_started("m1", "cold", 4.0, now=NOW + 3)
     one.engine_started("m1", "cold", 6.0, now=NOW + 4)
 
@@ -70,10 +70,10 @@ def test_a_failing_sampler_never_stops_the_reporter(redis_db, caplog):
     def broken():
         raise KeyError("celery")
 
-    recorder = SeriesRecorder(redis_db, sample_queues=broken)
+    recorder = SeriesRecorder(redis_db)
     recorder.request("m1", 0.1, None, 200)
     with caplog.at_level(logging.ERROR):
-        recorder.flush(NOW)  # must not raise
+        recorder.flush(NOW, broken)  # must not raise
     assert "chart series not written" in caplog.text
 
 
@@ -83,22 +83,25 @@ def test_queue_keys_match_what_kombu_writes(redis_server, redis_db):
     with kombu.Connection(f"{redis_server.url}/1", transport_options=options) as connection:
         queue = kombu.Queue("batch", routing_key="batch")
         producer = connection.Producer(serializer="json")
-        for celery_priority in (0, 0, 2, 9):
+        for step in (0, 0, 2, 9):
             producer.publish({"x": 1}, routing_key="batch", declare=[queue],
-                             priority=celery_priority)
+                             priority=step)
         producer.publish({"x": 1}, routing_key="control",
                          declare=[kombu.Queue("control", routing_key="control")])
-    lengths = overview.queue_lengths(redis_db, options)
+    broker = BrokerStats(redis_db, options)
+    lengths = broker.queue_lengths()
     assert lengths["batch"][0] == 2 and lengths["batch"][2] == 1 and lengths["batch"][9] == 1
     assert sum(lengths["batch"].values()) == 4
     assert sum(lengths["control"].values()) == 1
-    # The API's priority 9 runs first: it is Celery's 0.
-    assert overview.api_priority(0) == 9 and overview.api_priority(9) == 0
+    # The API's priority 9 runs first: it is Celery's 0, both ways.
+    assert api_priority(0) == 9 and api_priority(9) == 0
+    assert celery_priority(9) == 0 and celery_priority(0) == 9 and celery_priority(42) == 0
+    assert broker.batch_by_priority() == {9: 2, 7: 1, 0: 1, **{p: 0 for p in range(1, 7)}, 8: 0}
 
 
 def _format(formatter: logging.Formatter) -> str:
     handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
+    handler.addFilter(RequestIdFilter(current_request_id))
     handler.setFormatter(formatter)
     record = logging.LogRecord("webapp.test", logging.INFO, __file__, 1, "hello %s", ("x",),
                                None)

@@ -117,22 +117,24 @@ def test_type_and_code_by_status(status, type_, code):
 
 def test_sim_engine_error_reaches_the_client_in_our_envelope(stack, client):
     warm(stack, "sim/fast")
-    # The engine, not the gateway, knows its context length (the sim's is 4096 tokens).
+    # The engine, not the gateway, knows its context length (the sim's is 4096 tokens); the
+    # words are vLLM's (tests/contract holds the sim to them).
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="sim/fast", prompt="x", max_tokens=5000)
     assert caught.value.body["type"] == "invalid_request_error"
-    assert caught.value.body["code"] == "bad_request" and caught.value.body["param"] is None
+    assert caught.value.body["code"] == "bad_request"
+    assert caught.value.body["param"] == "max_tokens"
     assert caught.value.body["message"].startswith(
-        "This model's maximum context length is 4096 tokens.")
+        "max_tokens=5000 cannot be greater than max_model_len=4096.")
     # A streamed call the engine refuses before streaming: the same envelope.
     response = raw_post(stack, "/v1/chat/completions",
                         {"model": "sim/fast", "messages": [{"role": "user", "content": "x"}],
-                         "n": 2, "stream": True})
+                         "n": 2, "temperature": 0, "stream": True})
     assert response.status == 400
     assert response.headers["Content-Type"] == "application/json"
-    assert response.json() == {"error": {"message": "The sim engine only supports n=1.",
-                                         "type": "invalid_request_error", "code": "bad_request",
-                                         "param": "n"}}
+    assert response.json() == {"error": {
+        "message": "n must be 1 when using greedy sampling, got 2.",
+        "type": "invalid_request_error", "code": "bad_request", "param": None}}
 
 
 # ---------------------------------------------------------------- error events in a stream

@@ -14,8 +14,8 @@ import time
 import openai
 import pytest
 
+from jobs.graders import judge_request, match_label, read_score
 from runtimes.sim.textgen import VOCABULARY
-from tasks.graders import judge_request, match_label, read_score
 from tests.conftest import TOKENS, sdk, warm
 from tests.harness import wait_for
 

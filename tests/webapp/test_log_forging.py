@@ -17,11 +17,11 @@ import subprocess
 import pytest
 import redis as redis_lib
 
+from config.logs import TEXT_FORMAT, JsonFormatter, RequestIdFilter, TextFormatter
+from config.logsafe import escape_controls
 from tests.conftest import DATA, raw_post
 from tests.harness import REPO, VENV_BIN, Stack, wait_for
 from webapp.gunicorn_logger import ErrorLogFilter
-from webapp.logs import TEXT_FORMAT, JsonFormatter, RequestIdFilter, TextFormatter
-from webapp.logsafe import escape_controls
 
 
 def send(port: int, raw: bytes) -> bytes:
