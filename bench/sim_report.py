@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from bench.sim_summary import Summary, summarize, targets
 from bench.sim_trace import Trace
 from bench.sim_world import Result, model_spec
+from bench.tables import markdown_table
 from runtimes.placement import footprint
 
 HOW = """\
@@ -46,11 +47,6 @@ RESULT_COLUMNS = [
     "GPU-s asleep", "GPU-s busy", "GPU-s loading", "batch jobs in window / total",
     "evictions", "calls cut by evictions", "unserved",
 ]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _minutes(seconds: float | None) -> str:
@@ -99,7 +95,7 @@ def _models_section(trace: Trace) -> list[str]:
                 f" GB ({fp.fraction:.2f})")
         rows.append([f"`{model.id}`", f"{model.load_seconds:.0f}", f"{model.wake_seconds:.0f}",
                      size, str(calls), str(len(jobs)), str(sum(j.lines for j in jobs))])
-    return _table(["model", "cold load (s)", "wake (s)",
+    return markdown_table(["model", "cold load (s)", "wake (s)",
                    "weights + KV/overhead per GPU (share)", "realtime calls", "batch jobs",
                    "batch lines"], rows)
 
@@ -149,13 +145,13 @@ def render_run(trace: Trace, results: list[Result], command: str, wall: float) -
         "",
         "## Results",
         "",
-        *_table(RESULT_COLUMNS, [result_row(s) for s in summaries]),
+        *markdown_table(RESULT_COLUMNS, [result_row(s) for s in summaries]),
         "",
         LEGEND,
         "",
         "## Per model",
         "",
-        *_table(["model", "policy", "calls", "waited (load / wake)", "mean wait (s)",
+        *markdown_table(["model", "policy", "calls", "waited (load / wake)", "mean wait (s)",
                  "p99 wait (s)", "max wait (s)", "GPU-s loaded idle", "GPU-s asleep",
                  "batch in window", "mean batch completion (min)"], per_model),
         "",
@@ -199,7 +195,7 @@ def render_scenarios(runs: list[ScenarioRun], engine_text: str, command: str, wa
             "",
             f"{run.about}. {_gpus(run.trace)}. `{run.command}`",
             "",
-            *_table(RESULT_COLUMNS, [result_row(s) for s in summaries]),
+            *markdown_table(RESULT_COLUMNS, [result_row(s) for s in summaries]),
             "",
             *_targets_lines(summaries),
             "",
@@ -219,7 +215,7 @@ def render_scenarios(runs: list[ScenarioRun], engine_text: str, command: str, wa
         "unloads only idle models) and Ollama style (keep-alive 5 min, LRU, drains a busy one "
         "when it must); no sleep mode; all three place by memory.",
         "",
-        *_table(["scenario", "GPUs", "realtime calls", "batch jobs", "targets"], overview),
+        *markdown_table(["scenario", "GPUs", "realtime calls", "batch jobs", "targets"], overview),
         "",
         "Targets, in every scenario: ours no worse than both baselines on calls that waited, "
         "mean wait, p99 wait and loaded-idle GPU time, and clearly better on at least one; no "
