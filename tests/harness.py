@@ -59,11 +59,15 @@ def kill_engines(state_dir: Path) -> int:
     killed = 0
     for state_file in Path(state_dir).glob("*.json"):
         try:
-            pid = json.loads(state_file.read_text())["pid"]
-            os.killpg(pid, signal.SIGKILL)
+            state = json.loads(state_file.read_text())
+            os.killpg(state["pid"], signal.SIGKILL)
             killed += 1
         except (OSError, ValueError, KeyError):
-            pass
+            state = {}
+        # The engine's private TMPDIR (runtimes.backends.process), which its stop would remove.
+        tmpdir = state.get("tmpdir") if isinstance(state, dict) else None
+        if tmpdir and Path(tmpdir).name.startswith("llm-gw-"):
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return killed
 
 
