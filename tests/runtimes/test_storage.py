@@ -294,7 +294,10 @@ def test_asked_twice_at_once_one_download(hub, make_weights):
     assert sent == ["m/twice"]
     assert sorted(asked for _, asked in answers) == [False, True]
     # A redelivered task meanwhile finds the download under way and leaves it alone.
-    wait_for(lambda: weights.tracker.running(spec.repo_id, None), 10, what="download running")
+    # (The lock is taken a moment before the state leaves "queued": wait for both.)
+    wait_for(lambda: weights.tracker.running(spec.repo_id, None)
+             and (weights.download_state(spec) or {}).get("status") in ("resolving", "downloading"),
+             10, what="download running")
     assert weights.download("m/twice")["status"] in ("resolving", "downloading")
     for worker in workers:
         worker.join(30)
