@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench simulate simulate-traces sim-image vllm-venv tiny-model vllm-image clean
+.PHONY: run test lint system-deps bench simulate simulate-traces sim-image vllm-venv tiny-model vllm-image clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint
+# The apt packages a fresh Debian machine lacks (redis, docker, chromium, libnuma...).
+system-deps:
+	scripts/install-system-deps.sh
+
+test: system-deps lint vllm-venv
 	$(BIN)/python -m pytest
 
 # Both benchmarks, each side by side with a direct client in one run (bench/REPORT.md,

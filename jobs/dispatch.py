@@ -29,6 +29,7 @@ from jobs.linewriter import LineWriter
 from jobs.store import RUNNING_STATUSES, JobStore, LineResult
 from runtimes.catalog import ModelCatalog
 from runtimes.engine_errors import normalise_engine_error
+from runtimes.engine_priority import BATCH, JOB_PRIORITIES, set_engine_priority
 from runtimes.leases import LeaseSet
 from runtimes.policy import batch_per_engine
 from runtimes.routing import RuntimeRouter
@@ -236,9 +237,20 @@ class Dispatcher:
         if lease is None:
             lease = self._lease(job, model)
         try:
-            return self._post(model, url, body)
+            return self._post(model, url, self._prioritised(job, model, body))
         finally:
             self.admission.release(model, lease)
+
+    def _prioritised(self, job: dict, model: str, body: dict) -> dict:
+        """The body with the engine priority of this job's work (batch lines and eval samples
+        rank below every realtime call, and by the job's priority among themselves)."""
+        spec = self.catalog.get(model)
+        if spec is None:
+            return body
+        body = dict(body)  # the stored line stays as the caller wrote it
+        priority = min(max(int(job.get("priority") or 0), JOB_PRIORITIES[0]), JOB_PRIORITIES[-1])
+        set_engine_priority(spec, body, BATCH, priority)
+        return body
 
     def _post(self, model: str, url: str, body: dict) -> EngineAnswer:
         record = self.router.pick(model, {})

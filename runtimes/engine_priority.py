@@ -87,3 +87,20 @@ def engine_priority(spec: ModelSpec, kind: str, job_priority: int = 0) -> int | 
     if polarity:
         return 0 if kind == REALTIME else top - job_priority
     return top if kind == REALTIME else job_priority
+
+
+def set_engine_priority(spec: ModelSpec, body: dict, kind: str, job_priority: int = 0) -> bool:
+    """Put the gateway's `priority` for this work into `body` (in place); True if it changed.
+
+    A caller's own `priority` never reaches the engine: the gateway ranks realtime against batch
+    and batch jobs against each other, so a client cannot jump its own queue by asking. When the
+    engine is not in priority mode the field is removed, because vLLM documents a non-zero
+    priority there as an error.
+    """
+    value = engine_priority(spec, kind, job_priority)
+    if value is None:
+        return body.pop("priority", None) is not None
+    if body.get("priority") == value and type(body.get("priority")) is int:
+        return False
+    body["priority"] = value
+    return True

@@ -2,16 +2,20 @@
 and `/v1/models/{id}`.
 
 A call is checked (key, scope, model, body), routed to a ready instance of its model and
-forwarded as sent; a model with no ready instance goes through `coldstart`. This is the hot path:
+forwarded as sent (save for `priority`, which the gateway sets: `runtimes.engine_priority`); a
+model with no ready instance goes through `coldstart`. This is the hot path:
 no Redis round trip unless the key has limits or the model is cold.
 """
 
 from __future__ import annotations
 
+import json
+
 from flask import Blueprint, Response, g, request
 
 from runtimes.catalog import ModelSpec
 from runtimes.engine_errors import normalise_engine_error
+from runtimes.engine_priority import REALTIME, set_engine_priority
 from runtimes.engine_requests import CHAT_COMPLETION, COMPLETION
 from runtimes.registry import READY
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
@@ -43,6 +47,8 @@ def _forward(schema, path: str):
     body = parse_json_object(raw)
     validate_body(schema, body)
     spec = _model_spec(body["model"])
+    if set_engine_priority(spec, body, REALTIME):  # most urgent, whatever the caller asked
+        raw = json.dumps(body, separators=(",", ":")).encode()
     g.model = spec.id  # the model label of this call's metrics (webapp.metrics)
     key = g.api_key
     check_model_allowed(key, spec.id)
