@@ -434,10 +434,10 @@ class ControlPlane:
             if (not spec.download_weights or spec.id in live
                     or (spec.id not in asked and not spec.min_replicas)):
                 continue
-            if self.weights.tracker.active(spec.repo_id, spec.revision):
+            if self.weights.downloads.tracker.active(spec.repo_id, spec.revision):
                 missing.add(spec.id)
                 downloading.add(spec.id)
-            elif not self.weights.is_local(spec):
+            elif not self.weights.disk.is_local(spec):
                 missing.add(spec.id)
         return {"weights_missing": frozenset(missing), "downloading": frozenset(downloading)}
 
@@ -466,7 +466,7 @@ class ControlPlane:
                 decisions.append({"at": snapshot.now, **action.describe()})
             self._probe_starting()
             if self.weights is not None:
-                self.weights.refresh_residency()  # for the web's cache and prime views
+                self.weights.pages.refresh_residency()  # for the web's cache and prime views
             self.registry.set_batch_caps(
                 batch_caps(snapshot, self.registry.batch_caps(), self.batch_per_runtime)
             )

@@ -86,8 +86,8 @@ def await_runtime(spec: ModelSpec) -> RuntimeRecord:
     # Weights in RAM shorten a first start; a download under way comes before the start.
     weights = gw.services.weights
     estimate = estimate_start_seconds(registry, spec, settings.default_start_seconds, records,
-                                      weights.scale_cold_estimate)
-    download = math.ceil(weights.download_wait_seconds(spec))
+                                      weights.pages.scale_cold_estimate)
+    download = math.ceil(weights.downloads.download_wait_seconds(spec))
     seconds = retry_after_seconds(records, estimate, time.time()) + download
     if not download and any(r.state == SLEEPING for r in records) and not any(
             r.state == STARTING for r in records):

@@ -19,7 +19,8 @@ from flask import Blueprint, g, url_for
 
 from runtimes.catalog import ModelSpec
 from runtimes.storage import free_bytes, hub_dir
-from runtimes.weights import ModelWeights, NotCached, WeightsInUse
+from runtimes.weight_cache import NotCached, WeightsInUse
+from runtimes.weights import ModelWeights
 from webapp.apidoc import documented
 from webapp.auth import check_model_allowed, require_scope
 from webapp.context import services
@@ -70,7 +71,7 @@ def _download_view(spec: ModelSpec, state: dict) -> dict:
             responses={202: "Asked for: the download, with its status_url."})
 def download(model: str):
     spec = _spec(model)
-    state, _ = _weights().ask_download(spec)
+    state, _ = _weights().downloads.ask_download(spec)
     view = _download_view(spec, state)
     return view, 202, {"Location": view["status_url"]}
 
@@ -80,7 +81,7 @@ def download(model: str):
 @documented("A download's progress")
 def download_status(model: str):
     spec = _spec(model)
-    state = _weights().download_state(spec)
+    state = _weights().downloads.download_state(spec)
     if state is None:
         raise APIError(404, f"No download of '{spec.id}' was asked for.",
                        code="download_not_found", param="model")
@@ -92,8 +93,8 @@ def download_status(model: str):
 @documented("The cached repos, their size and residency")
 def list_cache():
     weights = _weights()
-    return {"object": "list", "data": weights.cached(),
-            "free_bytes": free_bytes(hub_dir(weights.hf_home))}
+    return {"object": "list", "data": weights.disk.cached(weights.pages.seen_residency),
+            "free_bytes": free_bytes(hub_dir(weights.disk.hf_home))}
 
 
 @bp.delete("/v1/models/cache/<path:model>")
@@ -104,7 +105,7 @@ def delete_cached(model: str):
     if spec is not None:
         check_model_allowed(g.api_key, spec.id)
     try:
-        deleted = _weights().delete(model)
+        deleted = _weights().disk.delete(model)
     except NotCached as exc:
         raise APIError(404, str(exc), code="model_not_cached", param="model") from None
     except WeightsInUse as exc:
@@ -127,7 +128,7 @@ def _prime_view(spec: ModelSpec, state: dict) -> dict:
 def prime(model: str):
     spec = _spec(model)
     try:
-        state, _ = _weights().ask_prime(spec, services().queue.send_prime)
+        state, _ = _weights().pages.ask_prime(spec, services().queue.send_prime)
     except NotCached as exc:
         raise APIError(409, str(exc), code="model_not_cached", param="model") from None
     view = _prime_view(spec, state)
@@ -139,12 +140,12 @@ def prime(model: str):
 @documented("A priming's report")
 def prime_status(model: str):
     spec = _spec(model)
-    state = _weights().prime_state(spec)
+    state = _weights().pages.prime_state(spec)
     if state is None:
         raise APIError(404, f"No priming of '{spec.id}' was asked for.", code="prime_not_found",
                        param="model")
     view = _prime_view(spec, state)
-    # As the workers last measured it (runtimes.weights.ModelWeights.note_residency): never
+    # As the workers last measured it (runtimes.page_cache.PageCache.note_residency): never
     # a mincore over the weights in a web worker.
-    view["residency"] = _weights().seen_residency(spec.repo_id)
+    view["residency"] = _weights().pages.seen_residency(spec.repo_id)
     return view

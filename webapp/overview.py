@@ -188,8 +188,8 @@ def _jobs(jobs) -> dict:
 def _downloads(gw: Gateway, now: float | None = None) -> list[dict]:
     """Downloads and page-cache primings under way, or finished within the last hour.
 
-    Read through runtimes.weights.ModelWeights (their state is in Redis, one entry per repo and
-    revision).
+    Read through runtimes.weights.ModelWeights' `downloads` and `pages` (their state is in Redis,
+    one entry per repo and revision).
     """
     weights = gw.services.weights
     now = time.time() if now is None else now
@@ -199,7 +199,7 @@ def _downloads(gw: Gateway, now: float | None = None) -> list[dict]:
         if (spec.repo_id, spec.revision) in seen:  # models sharing weights share their state
             continue
         seen.add((spec.repo_id, spec.revision))
-        download = weights.download_state(spec)
+        download = weights.downloads.download_state(spec)
         if download and _recent(download, now):
             items.append({
                 "kind": "download", "model": download.get("model") or spec.id,
@@ -210,7 +210,7 @@ def _downloads(gw: Gateway, now: float | None = None) -> list[dict]:
                 "rate_bytes_per_second": download.get("rate_bytes_per_second"),
                 "error": download.get("error"), "finished_at": download.get("finished_at"),
             })
-        primed = weights.prime_state(spec)
+        primed = weights.pages.prime_state(spec)
         if primed and _recent(primed, now):
             after = primed.get("after") or {}
             items.append({

@@ -24,6 +24,7 @@ from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
 from runtimes.downloads import DONE, REFUSED, DownloadConfig, DownloadError
 from runtimes.engines import SimEngine
+from runtimes.page_cache import MIN_ESTIMATE_SHARE, cold_start_estimate
 from runtimes.registry import READY, RuntimeRecord, RuntimeRegistry
 from runtimes.storage import (
     GB,
@@ -35,14 +36,8 @@ from runtimes.storage import (
     resident_bytes,
     select_files,
 )
-from runtimes.weights import (
-    MIN_ESTIMATE_SHARE,
-    ModelWeights,
-    NotCached,
-    WeightsConfig,
-    WeightsInUse,
-    cold_start_estimate,
-)
+from runtimes.weight_cache import NotCached, WeightsInUse
+from runtimes.weights import ModelWeights, WeightsConfig
 from tests.fakehub import FakeHub, make_model_repo
 from tests.harness import REPO, kill_engines, kill_group, wait_for
 
@@ -114,10 +109,10 @@ def test_select_files_takes_safetensors_and_leaves_out_copies():
 def test_download_fetches_what_the_engine_needs_into_the_cache(hub, hf_home, make_weights):
     repo = hub.add(make_model_repo("org/tiny", shard_mb=2))
     weights = make_weights([_entry("m/tiny", "org/tiny")])
-    spec = weights.spec("m/tiny")
-    assert not weights.is_local(spec)
+    spec = weights.disk.spec("m/tiny")
+    assert not weights.disk.is_local(spec)
 
-    state = weights.download("m/tiny")
+    state = weights.downloads.download("m/tiny")
 
     assert state["status"] == DONE
     assert hub.files_fetched() == NEEDED
@@ -130,11 +125,11 @@ def test_download_fetches_what_the_engine_needs_into_the_cache(hub, hf_home, mak
     for name in NEEDED:
         assert _sha256(snapshot / name) == hashlib.sha256(repo.files[name]).hexdigest()
     assert not (snapshot / "pytorch_model.bin").exists()
-    assert weights.is_local(spec) and cache.missing_files("main") == []
+    assert weights.disk.is_local(spec) and cache.missing_files("main") == []
     # The manifest is what "complete" means: a file gone makes the snapshot incomplete.
     (snapshot / "tokenizer.json").unlink()
     assert cache.missing_files("main") == ["tokenizer.json"]
-    assert not weights.is_local(spec)
+    assert not weights.disk.is_local(spec)
 
 
 def test_catalog_patterns_choose_the_files(hub, make_weights):
@@ -142,7 +137,7 @@ def test_catalog_patterns_choose_the_files(hub, make_weights):
     weights = make_weights([_entry("m/pickled", "org/pickled",
                                    hf_allow_patterns=["*.bin", "*.json"],
                                    hf_ignore_patterns=["tokenizer*"])])
-    weights.download("m/pickled")
+    weights.downloads.download("m/pickled")
     assert hub.files_fetched() == {"pytorch_model.bin", "config.json",
                                    "model.safetensors.index.json"}
 
@@ -154,7 +149,7 @@ def test_a_transfer_cut_mid_file_resumes_with_a_range_request(hub, hf_home, make
     hub.cut_once.add(shard)
     weights = make_weights([_entry("m/big", "org/big")])
 
-    assert weights.download("m/big")["status"] == DONE
+    assert weights.downloads.download("m/big")["status"] == DONE
 
     first, second = hub.gets(shard)
     size = len(repo.files[shard])
@@ -174,16 +169,16 @@ def test_a_failed_download_asked_again_fetches_only_what_is_missing(hub, make_we
     weights = make_weights([_entry("m/flaky", "org/flaky")])
 
     with pytest.raises(DownloadError) as failure:
-        weights.download("m/flaky")
+        weights.downloads.download("m/flaky")
     assert failure.value.transient
-    state = weights.download_state(weights.spec("m/flaky"))
+    state = weights.downloads.download_state(weights.disk.spec("m/flaky"))
     assert state["status"] == "failed" and "500" in state["error"] and state["transient"]
     fetched_first = {name for name in NEEDED if any(t.status == 200 for t in hub.gets(name))}
     assert broken not in fetched_first and fetched_first
 
     hub.broken.clear()
     hub.log.clear()
-    assert weights.download("m/flaky")["status"] == DONE
+    assert weights.downloads.download("m/flaky")["status"] == DONE
     # Files finished the first time are not fetched again.
     assert hub.files_fetched() == NEEDED - fetched_first
     assert broken in hub.files_fetched()
@@ -204,49 +199,49 @@ def test_a_download_whose_worker_died_is_resumed_by_the_next_ask(hub, hf_home, m
                                                                 redis_server):
     hub.add(make_model_repo("org/killed", shard_mb=24, bytes_per_second=8 * MB))
     weights = make_weights([_entry("m/killed", "org/killed")])
-    spec = weights.spec("m/killed")
+    spec = weights.disk.spec("m/killed")
     worker = subprocess.Popen(
         [sys.executable, "-c", _DOWNLOAD_SCRIPT, hub.url, str(hf_home), f"{redis_server.url}/1"],
         cwd=REPO, start_new_session=True)
     try:
         def shards_midway():
-            state = weights.download_state(spec) or {}
+            state = weights.downloads.download_state(spec) or {}
             return state.get("status") == "downloading" and (state.get("bytes_done") or 0) > 10 * MB
 
         wait_for(shards_midway, 20, interval=0.1, what="the download under way")
     finally:
         kill_group(worker, signal.SIGKILL)
-    assert weights.download_state(spec)["status"] == "downloading"  # its lock still lives
+    assert weights.downloads.download_state(spec)["status"] == "downloading"  # its lock still lives
     # The lock would expire LOCK_SECONDS after the death; expire it now.
-    weights.redis.delete("gw:downloads:lock:org/killed@main",
+    weights.disk.redis.delete("gw:downloads:lock:org/killed@main",
                          "gw:downloads:requested:org/killed@main")
-    assert weights.download_state(spec)["status"] == "interrupted"
-    assert weights.download_wait_seconds(spec) == 0.0
+    assert weights.downloads.download_state(spec)["status"] == "interrupted"
+    assert weights.downloads.download_wait_seconds(spec) == 0.0
     small = NEEDED - {n for n in NEEDED if n.endswith(".safetensors")}
     finished = {n for n in NEEDED if any(t.status == 200 and t.sent for t in hub.gets(n))}
     assert small <= finished
 
     assert weights.prepare_for_start(spec) is False  # not local: it asks for the download again
-    assert weights.download_state(spec)["status"] == "done"  # inline here: no Celery
+    assert weights.downloads.download_state(spec)["status"] == "done"  # inline here: no Celery
     for name in small:  # complete before the death: not fetched again
         assert len([t for t in hub.gets(name) if t.status == 200]) == 1, name
-    assert weights.is_local(spec)
+    assert weights.disk.is_local(spec)
 
 
 def test_progress_shows_bytes_rate_and_eta_while_downloading(hub, make_weights):
     # On disk a file grows by huggingface_hub's 10 MB chunks: shards of 24 MB show steps.
     hub.add(make_model_repo("org/slow", shard_mb=24, bytes_per_second=8 * MB))
     weights = make_weights([_entry("m/slow", "org/slow")])
-    spec = weights.spec("m/slow")
-    runner = threading.Thread(target=weights.download, args=("m/slow",))
+    spec = weights.disk.spec("m/slow")
+    runner = threading.Thread(target=weights.downloads.download, args=("m/slow",))
     runner.start()
     try:
         def midway():
-            state = weights.download_state(spec) or {}
+            state = weights.downloads.download_state(spec) or {}
             done, total = state.get("bytes_done") or 0, state.get("bytes_total") or 0
             if state.get("status") == "downloading" and state.get("eta_seconds") \
                     and 0.2 * total < done < 0.8 * total:
-                return state, weights.download_wait_seconds(spec)
+                return state, weights.downloads.download_wait_seconds(spec)
             return None
 
         state, wait = wait_for(midway, 20, interval=0.1, what="a download halfway")
@@ -260,31 +255,31 @@ def test_progress_shows_bytes_rate_and_eta_while_downloading(hub, make_weights):
     remaining = state["bytes_total"] - state["bytes_done"]
     assert state["eta_seconds"] == pytest.approx(remaining / state["rate_bytes_per_second"],
                                                  rel=0.05, abs=0.2)
-    final = weights.download_state(spec)
+    final = weights.downloads.download_state(spec)
     assert final["status"] == DONE and final["bytes_done"] == final["bytes_total"]
-    assert weights.download_wait_seconds(spec) == 0.0
+    assert weights.downloads.download_wait_seconds(spec) == 0.0
 
 
 def test_asked_twice_at_once_one_download(hub, make_weights):
     hub.add(make_model_repo("org/twice", shard_mb=4, bytes_per_second=2 * MB))
     weights = make_weights([_entry("m/twice", "org/twice")])
-    spec = weights.spec("m/twice")
+    spec = weights.disk.spec("m/twice")
     sent = []
     workers = []
 
     def request_download(model, for_start):  # what the Celery task would do, in a thread
         sent.append(model)
-        worker = threading.Thread(target=weights.download, args=(model,))
+        worker = threading.Thread(target=weights.downloads.download, args=(model,))
         workers.append(worker)
         worker.start()
 
-    weights.request_download = request_download
+    weights.downloads.request_download = request_download
     barrier = threading.Barrier(2)
     answers = []
 
     def ask():
         barrier.wait()
-        answers.append(weights.ask_download(spec))
+        answers.append(weights.downloads.ask_download(spec))
 
     askers = [threading.Thread(target=ask) for _ in range(2)]
     for t in askers:
@@ -295,13 +290,15 @@ def test_asked_twice_at_once_one_download(hub, make_weights):
     assert sorted(asked for _, asked in answers) == [False, True]
     # A redelivered task meanwhile finds the download under way and leaves it alone.
     # (The lock is taken a moment before the state leaves "queued": wait for both.)
-    wait_for(lambda: weights.tracker.running(spec.repo_id, None)
-             and (weights.download_state(spec) or {}).get("status") in ("resolving", "downloading"),
+    downloads = weights.downloads
+    wait_for(lambda: downloads.tracker.running(spec.repo_id, None)
+             and (downloads.download_state(spec) or {}).get("status") in ("resolving",
+                                                                          "downloading"),
              10, what="download running")
-    assert weights.download("m/twice")["status"] in ("resolving", "downloading")
+    assert weights.downloads.download("m/twice")["status"] in ("resolving", "downloading")
     for worker in workers:
         worker.join(30)
-    assert weights.download_state(spec)["status"] == DONE
+    assert weights.downloads.download_state(spec)["status"] == DONE
     for name in NEEDED:
         assert len([t for t in hub.gets(name) if t.status == 200]) == 1, name
 
@@ -311,14 +308,14 @@ def test_too_little_disk_refuses_with_a_clear_error(hub, make_weights):
     weights = make_weights([_entry("m/huge", "org/huge")], margin_gb=1_000_000)
 
     with pytest.raises(DownloadError) as refusal:
-        weights.download("m/huge", for_start=True)
+        weights.downloads.download("m/huge", for_start=True)
 
     message = str(refusal.value)
     assert refusal.value.status == REFUSED
     assert "not enough disk space" in message and "DOWNLOAD_DISK_MARGIN_GB" in message
     assert "org/huge" in message
     assert not any(p.endswith(".safetensors") for p in hub.files_fetched())
-    state = weights.download_state(weights.spec("m/huge"))
+    state = weights.downloads.download_state(weights.disk.spec("m/huge"))
     assert state["status"] == REFUSED and state["error"] == message
     # Asked for by a start, it counts as a failed start with the reason.
     assert weights.registry.failed_starts() == {"m/huge": 1}
@@ -329,17 +326,17 @@ def test_a_gated_repo_needs_the_token(hub, make_weights):
     hub.add(make_model_repo("org/gated", shard_mb=0.5, gated_token="hf_secret"))
     entry = _entry("m/gated", "org/gated")
     with pytest.raises(DownloadError) as refusal:
-        make_weights([entry]).download("m/gated")
+        make_weights([entry]).downloads.download("m/gated")
     assert "gated" in str(refusal.value) and "HF_TOKEN" in str(refusal.value)
 
-    assert make_weights([entry], token="hf_secret").download("m/gated")["status"] == DONE
+    assert make_weights([entry], token="hf_secret").downloads.download("m/gated")["status"] == DONE
     assert all(t.authorization == "Bearer hf_secret" for t in hub.gets("config.json"))
 
 
 def test_delete_is_refused_while_a_runtime_uses_the_weights(hub, hf_home, make_weights):
     hub.add(make_model_repo("org/used", shard_mb=1))
     weights = make_weights([_entry("m/used", "org/used")])
-    weights.download("m/used")
+    weights.downloads.download("m/used")
     [cached] = list_cached(hf_home)
     assert cached.repo_id == "org/used" and cached.size_bytes > 2 * MB
     record = RuntimeRecord(id="rt-test", model="m/used", engine="sim", backend="process",
@@ -347,16 +344,16 @@ def test_delete_is_refused_while_a_runtime_uses_the_weights(hub, hf_home, make_w
     weights.registry.create(record)
 
     with pytest.raises(WeightsInUse) as refusal:
-        weights.delete("m/used")
+        weights.disk.delete("m/used")
     assert "rt-test" in str(refusal.value)
     assert RepoCache(hf_home, "org/used").path.is_dir()
 
     weights.registry.remove("rt-test")
-    deleted = weights.delete("org/used")  # by repo id too
+    deleted = weights.disk.delete("org/used")  # by repo id too
     assert deleted["freed_bytes"] == cached.size_bytes
     assert not RepoCache(hf_home, "org/used").path.exists() and list_cached(hf_home) == []
     with pytest.raises(NotCached):
-        weights.delete("m/used")
+        weights.disk.delete("m/used")
 
 
 # -- the page cache ------------------------------------------------------------------------------
@@ -401,23 +398,23 @@ def test_priming_stops_at_the_budget(tmp_path):
 def test_priming_a_downloaded_model_and_the_estimate_it_gives(hub, hf_home, make_weights):
     hub.add(make_model_repo("org/primed", shard_mb=4))
     weights = make_weights([_entry("m/primed", "org/primed", expected_start_seconds=100)])
-    spec = weights.spec("m/primed")
+    spec = weights.disk.spec("m/primed")
     with pytest.raises(NotCached):
-        weights.prime("m/primed")
-    weights.download("m/primed")
+        weights.pages.prime("m/primed")
+    weights.downloads.download("m/primed")
     files = RepoCache(hf_home, "org/primed").weight_files("main")
     assert [f.name for f in files] == sorted(f.name for f in files) and len(files) == 2
     evict(files)
-    assert weights.measure(spec).fraction < 0.05
+    assert weights.pages.measure(spec).fraction < 0.05
     # Nothing in RAM: the catalog's figure stands.
-    assert weights.scale_cold_estimate(spec, 100) == 100
+    assert weights.pages.scale_cold_estimate(spec, 100) == 100
 
-    report = weights.prime("m/primed")
+    report = weights.pages.prime("m/primed")
 
     assert report["status"] == "done" and report["after"]["resident_fraction"] > 0.95
-    assert weights.prime_state(spec)["status"] == "done"
+    assert weights.pages.prime_state(spec)["status"] == "done"
     # All in RAM: shorter by the disk read it saves (at the assumed 1 GB/s: 8 MB, a little).
-    assert weights.scale_cold_estimate(spec, 100) < 100
+    assert weights.pages.scale_cold_estimate(spec, 100) < 100
 
 
 def test_cold_start_estimate_by_bytes_and_residency():
@@ -442,7 +439,7 @@ def test_sim_loads_from_the_cache_offline_and_refuses_without_it(hub, hf_home, m
                                                                  tmp_path):
     hub.add(make_model_repo("org/engine", shard_mb=1))
     weights = make_weights([_entry("m/engine", "org/engine")])
-    spec = weights.spec("m/engine")
+    spec = weights.disk.spec("m/engine")
     backend = ProcessBackend(tmp_path / "rt", base_env={"HF_HOME": str(hf_home)})
     engine = SimEngine()
     argv = engine.argv(spec, "h", 1, in_container=False)
@@ -456,7 +453,7 @@ def test_sim_loads_from_the_cache_offline_and_refuses_without_it(hub, hf_home, m
         assert "does not exist" in backend.logs(started.handle)
         backend.stop(started.handle)
 
-        weights.download("m/engine")
+        weights.downloads.download("m/engine")
         started = backend.start("rt-cached", spec, engine, ())
         wait_for(lambda: engine.probe(f"http://{started.host}:{started.port}", spec.id), 15,
                  what="sim ready on the cached snapshot")
@@ -471,21 +468,22 @@ def test_the_control_plane_downloads_before_it_starts(hub, hf_home, redis_db, ma
                                                       tmp_path):
     hub.add(make_model_repo("org/cold", shard_mb=1))
     weights = make_weights([_entry("m/cold", "org/cold")])
-    control = ControlPlane(weights.catalog, weights.registry,
+    control = ControlPlane(weights.disk.catalog, weights.registry,
                            ProcessBackend(tmp_path / "rt", base_env={"HF_HOME": str(hf_home)}),
                            start_timeout=30)
     control.weights = weights  # its download runs inline: no Celery here
     try:
         # Not cached: the first ask fetches the weights and starts nothing.
         assert control.ensure_running("m/cold") is None
-        assert weights.is_local(weights.spec("m/cold"))
+        assert weights.disk.is_local(weights.disk.spec("m/cold"))
         assert control.registry.all() == []
         started_at = time.monotonic()
         record = control.ensure_running("m/cold")
         assert record is not None and record.state == READY
         assert time.monotonic() - started_at < 15
-        assert weights.redis.hget("gw:weights:last_used", "org/cold") is not None
-        assert weights.remembered_residency(weights.spec("m/cold"))["weight_bytes"] > 2 * MB
+        assert weights.disk.redis.hget("gw:weights:last_used", "org/cold") is not None
+        remembered = weights.pages.remembered_residency(weights.disk.spec("m/cold"))
+        assert remembered["weight_bytes"] > 2 * MB
     finally:
         control.stop_all()
         kill_engines(tmp_path / "rt")
