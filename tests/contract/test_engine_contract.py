@@ -330,20 +330,28 @@ def test_refused_chat_bodies(engine):
 
 
 def test_max_num_seqs_queues_the_rest(engine):
-    """With --max-num-seqs 8 and 12 calls in flight: 8 run, 4 wait, as the metrics say.
+    """With --max-num-seqs 8 and 12 calls in flight: 8 run, the rest wait, as the metrics say.
 
     The calls are long (1,800 tokens: 6 s or more with 8 at once): a busy vLLM's API server
     shares the 2 cores here and may take seconds to answer /metrics, and what it answers is
-    the state when it got round to it."""
+    the state when it got round to it. It may also take seconds to hand the last call or two to
+    its scheduler, so the test asks for 8 running and at least 3 of the 4 others waiting, and
+    never more than 8 running."""
     engine.idle()
     calls = [StreamWatch(engine, {"model": engine.model, "prompt": f"queue {i}",
                                   "max_tokens": 1800, "ignore_eos": True}, stream=False).start()
              for i in range(12)]
     time.sleep(1)
-    engine.wait_queue(lambda running, waiting: (running, waiting) == (MAX_NUM_SEQS, 4),
-                "8 running, 4 waiting")
+    seen: list = []
+
+    def queued(running, waiting) -> bool:
+        seen.append((running, waiting))
+        return running == MAX_NUM_SEQS and waiting >= 3
+
+    engine.wait_queue(queued, "8 running, the rest waiting")
     for call in calls:
         call.join(120)
+    assert max(running for running, _ in seen) == MAX_NUM_SEQS, seen
     engine.idle()
 
 
