@@ -28,7 +28,7 @@ test: system-deps lint vllm-venv
 
 # Both benchmarks, each side by side with a direct client in one run (bench/REPORT.md,
 # bench/BATCH_REPORT.md hold copies of recent runs).
-bench: $(STAMP)
+bench: system-deps $(STAMP)
 	$(BIN)/python -m bench.realtime
 	$(BIN)/python -m bench.batch
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What `make test` needs from Debian's apt on a fresh machine; installs only what is missing
+# What `make test` and `make bench` need from Debian's apt on a fresh machine; installs only what is missing
 # (nothing, and no root needed, when all is there). Run by `make test` (target system-deps).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -19,6 +19,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 # two installs of it from running at once.
 ldconfig -p | grep -q 'libnuma\.so\.1 ' || need+=(libnuma1)
 command -v flock >/dev/null || need+=(util-linux)
+# `make bench` loads the gateway with wrk.
+command -v wrk >/dev/null || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
   echo "system-deps: installing ${need[*]}"
   apt-get update -qq
