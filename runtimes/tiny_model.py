@@ -239,9 +239,14 @@ def commit_of(files: dict[str, bytes]) -> str:
 def write_model(hf_home: Path, model: TinyModel) -> tuple[str, bool]:
     """Put the model into the cache at `hf_home`; returns (commit, whether anything was
     written). Idempotent: a complete snapshot of the same commit is left as it is."""
-    files = repo_files(model)
+    return write_snapshot(hf_home, model.repo_id, repo_files(model))
+
+
+def write_snapshot(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> tuple[str, bool]:
+    """Put these files into the cache at `hf_home` as the snapshot of `repo_id`, in
+    huggingface_hub's layout; returns (commit, whether anything was written)."""
     commit = commit_of(files)
-    cache = RepoCache(Path(hf_home), model.repo_id)
+    cache = RepoCache(Path(hf_home), repo_id)
     if cache.commit_for(None) == commit and cache.is_complete(None):
         return commit, False
     snapshot = cache.path / "snapshots" / commit
