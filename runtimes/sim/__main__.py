@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from runtimes.sim.config import SimConfig
+from runtimes.sim.lora import add_lora_arguments, lora_options
 from runtimes.sim.scheduler import POLICIES
 from runtimes.sim.server import build_app
 from runtimes.storage import RepoCache
@@ -129,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         default=None,
         help="accepted as vLLM's (the share of each GPU placement gave it); the sim holds none",
     )
+    add_lora_arguments(parser)
     args = parser.parse_args(argv)
     return SimConfig(
         model=args.model,
@@ -146,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         snapshot_dir=args.snapshot_dir or _cached_snapshot(args.hf_repo, args.revision),
         scheduling_policy=args.scheduling_policy,
         root=args.hf_repo,
+        lora=lora_options(args),
     )
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtimes.sim.lora import LoraOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,3 +28,4 @@ class SimConfig:
     snapshot_dir: str | None = None
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs | priority
     root: str | None = None  # what /v1/models reports as `root`: the repo loaded, as vLLM does
+    lora: LoraOptions | None = None  # --enable-lora and its flags (runtimes.sim.lora); None: off

@@ -11,6 +11,7 @@ request without one may fill the whole context.
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -48,6 +49,7 @@ class GenerationJob:
     include_usage: bool
     priority: int = 0  # vLLM's: lower runs first, under --scheduling-policy priority
     logprobs: int | None = None  # top alternatives per token when asked; None: not asked
+    model: str | None = None  # the LoRA adapter asked for, which the answer names; None: base
 
     def usage(self) -> dict[str, int]:
         completion_tokens = sum(g.token_count for g in self.generations)
@@ -65,12 +67,15 @@ class _Common:
     include_usage: bool
     n: int
     priority: int
+    adapter: str | None
 
 
-def _parse_common(body: dict, config: SimConfig) -> _Common:
+def _parse_common(body: dict, config: SimConfig, adapters: Container[str]) -> _Common:
     model = body.get("model")
-    # vLLM falls back to the served model when the field is left out.
-    if model is not None and model != config.model:
+    # vLLM falls back to the served model when the field is left out. Its error names the base
+    # model only, not the adapters it serves (runtimes.sim.lora).
+    adapter = model if model is not None and model != config.model and model in adapters else None
+    if model is not None and model != config.model and adapter is None:
         raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: "
                        f"{config.model}.", "NotFoundError", "model")
     stream = lax_bool(body, "stream")
@@ -92,7 +97,7 @@ def _parse_common(body: dict, config: SimConfig) -> _Common:
     if n > 1 and lax_float(body, "temperature", 1.0) < _GREEDY_TEMPERATURE:
         raise bad_request(f"n must be 1 when using greedy sampling, got {n}.")
     priority = lax_int(body, "priority", 0)
-    return _Common([s for s in stops if s], stream, include_usage, n, priority)
+    return _Common([s for s in stops if s], stream, include_usage, n, priority, adapter)
 
 
 def _max_tokens(body: dict, config: SimConfig, prompt_tokens: int, *fields: str) -> int:
@@ -142,9 +147,12 @@ def _completion_prompts(prompt: object) -> list[tuple[str, int]]:
     raise validation_error("body.prompt", "string_type", "Input should be a valid string", prompt)
 
 
-def _choice_text(text: str, index: int) -> str:
+def _choice_text(text: str, index: int, adapter: str | None = None) -> str:
     # The first choice reads the prompt itself, so n=1 answers as it always did; each further
-    # choice gets a text of its own, as sampling would.
+    # choice gets a text of its own, as sampling would. An adapter changes the answer, as its
+    # weights change vLLM's.
+    if adapter is not None:
+        text = f"{text}\x00lora {adapter}"
     return text if index == 0 else f"{text}\x00choice {index}"
 
 
@@ -156,8 +164,9 @@ def _logprobs_limit(top: int | None) -> int | None:
     return None if top is None else max(0, top)
 
 
-def parse_completion_request(body: dict, config: SimConfig) -> GenerationJob:
-    common = _parse_common(body, config)
+def parse_completion_request(body: dict, config: SimConfig,
+                             adapters: Container[str] = ()) -> GenerationJob:
+    common = _parse_common(body, config, adapters)
     prompts = _completion_prompts(body.get("prompt"))
     logprobs = _logprobs_limit(lax_int(body, "logprobs"))
     echo = body.get("echo") is True
@@ -165,13 +174,14 @@ def parse_completion_request(body: dict, config: SimConfig) -> GenerationJob:
     for text, prompt_tokens in prompts:
         max_tokens = _max_tokens(body, config, prompt_tokens, "max_tokens")
         for index in range(common.n):
-            generation = generate(_choice_text(text, index), max_tokens, common.stops)
+            generation = generate(_choice_text(text, index, common.adapter), max_tokens,
+                                  common.stops)
             if echo:
                 generation.pieces[0] = text + generation.pieces[0]
             generations.append(generation)
     total_prompt_tokens = sum(count for _, count in prompts)
     return GenerationJob("completion", generations, total_prompt_tokens, common.stream,
-                         common.include_usage, common.priority, logprobs)
+                         common.include_usage, common.priority, logprobs, common.adapter)
 
 
 def _check_messages(body: dict) -> list[dict]:
@@ -191,9 +201,10 @@ def _check_messages(body: dict) -> list[dict]:
     return messages
 
 
-def parse_chat_request(body: dict, config: SimConfig) -> GenerationJob:
+def parse_chat_request(body: dict, config: SimConfig,
+                       adapters: Container[str] = ()) -> GenerationJob:
     messages = _check_messages(body)
-    common = _parse_common(body, config)
+    common = _parse_common(body, config, adapters)
     wants_logprobs = lax_bool(body, "logprobs")
     top = lax_int(body, "top_logprobs")
     if top is not None and not wants_logprobs:
@@ -208,14 +219,14 @@ def parse_chat_request(body: dict, config: SimConfig) -> GenerationJob:
     max_tokens = _max_tokens(body, config, prompt_tokens, "max_completion_tokens", "max_tokens")
     generations = []
     for index in range(common.n):
-        text = _choice_text(prompt_text, index)
+        text = _choice_text(prompt_text, index, common.adapter)
         try:
             generation = structured_generation(body.get("response_format"), text, max_tokens)
         except SchemaError as exc:
             raise bad_request(f"Grammar error: {exc}") from None
         generations.append(generation or generate(text, max_tokens, common.stops))
     return GenerationJob("chat", generations, prompt_tokens, common.stream,
-                         common.include_usage, common.priority, logprobs)
+                         common.include_usage, common.priority, logprobs, common.adapter)
 
 
 async def read_json_object(request: web.Request) -> dict:

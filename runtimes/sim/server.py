@@ -27,6 +27,7 @@ from runtimes.sim import __version__
 from runtimes.sim.config import SimConfig
 from runtimes.sim.fields import validation_error
 from runtimes.sim.logprobs import chat_logprobs, completion_logprobs
+from runtimes.sim.lora import register_lora_routes, served_adapters
 from runtimes.sim.metrics import METRICS_HEADERS, EngineMetrics
 from runtimes.sim.protocol import (
     ApiError,
@@ -166,7 +167,7 @@ async def _stream(
     response = web.StreamResponse(headers=_SSE_HEADERS)
     response.enable_chunked_encoding()
     await response.prepare(request)
-    writer = _ChunkWriter(job, request_id, int(time.time()), engine.config.model)
+    writer = _ChunkWriter(job, request_id, int(time.time()), job.model or engine.config.model)
     steps = _events_per_step(writer, job)
     closing = [writer.usage(job.usage())] if job.include_usage else []
     closing.append(_DONE_EVENT)
@@ -274,7 +275,7 @@ async def _respond_whole(
         "id": request_id,
         "object": obj,
         "created": created,
-        "model": engine.config.model,
+        "model": job.model or engine.config.model,
         "choices": choices,
         "usage": job.usage(),
     }
@@ -286,10 +287,11 @@ async def _serve_generation(request: web.Request, kind: str) -> web.StreamRespon
     engine = request.app[ENGINE_KEY]
     try:
         body = await read_json_object(request)
+        adapters = served_adapters(request.app)
         if kind == "chat":
-            job = parse_chat_request(body, engine.config)
+            job = parse_chat_request(body, engine.config, adapters)
         else:
-            job = parse_completion_request(body, engine.config)
+            job = parse_completion_request(body, engine.config, adapters)
     except ApiError as error:
         return error.response()
     engine.requests_admitted += 1
@@ -403,7 +405,7 @@ def build_app(config: SimConfig) -> web.Application:
     """The aiohttp application serving `config.model` the way vLLM would."""
     # Long prompts are legitimate; aiohttp's 1 MiB default body limit would reject them.
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[ENGINE_KEY] = SimEngine(config)
+    app[ENGINE_KEY] = engine = SimEngine(config)
     app.router.add_get("/health", _health)
     app.router.add_get("/version", _version)
     app.router.add_get("/v1/models", _models)
@@ -413,4 +415,5 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/sleep", _sleep)
     app.router.add_post("/wake_up", _wake_up)
     app.router.add_get("/is_sleeping", _is_sleeping)
+    register_lora_routes(app, engine)
     return app
