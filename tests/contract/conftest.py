@@ -55,6 +55,14 @@ VLLM_ARGS = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
 SIM_ARGS = ["--load-seconds", "0.5", "--tpot-ms", "3", "--max-model-len", str(MAX_MODEL_LEN),
             "--scheduling-policy", "priority"]
 VLLM_START_SECONDS = 300
+# LoRA serving (tests/contract/test_lora_contract.py): engines of their own, started only when a
+# test asks for `lora_engine`; the routes to load and unload adapters exist only with the env.
+SIM_LORA_MODEL = "contract/sim-lora"
+VLLM_LORA_MODEL = "contract/vllm-lora"
+MAX_LORAS = 2
+MAX_LORA_RANK = 8
+LORA_ARGS = ["--enable-lora", "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_LORA_RANK)]
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
 def contract_catalog() -> dict:
@@ -64,6 +72,12 @@ def contract_catalog() -> dict:
         {"id": VLLM_MODEL, "engine": "vllm", "gpus": 0, "hf_repo": TINY_REPO,
          "max_concurrency": MAX_NUM_SEQS, "env": VLLM_ENV, "expected_start_seconds": 50,
          "start_timeout_seconds": VLLM_START_SECONDS, "engine_args": {"vllm": VLLM_ARGS}},
+        {"id": SIM_LORA_MODEL, "engine": "sim", "gpus": 0, "max_concurrency": MAX_NUM_SEQS,
+         "env": LORA_ENV, "engine_args": {"sim": SIM_ARGS + LORA_ARGS}},
+        {"id": VLLM_LORA_MODEL, "engine": "vllm", "gpus": 0, "hf_repo": TINY_REPO,
+         "max_concurrency": MAX_NUM_SEQS, "env": {**VLLM_ENV, **LORA_ENV},
+         "expected_start_seconds": 50, "start_timeout_seconds": VLLM_START_SECONDS,
+         "engine_args": {"vllm": VLLM_ARGS + LORA_ARGS}},
     ]}
 
 
@@ -106,9 +120,6 @@ def contract_stack(tmp_path_factory, redis_server, keys_file, vllm_venv, tiny_hf
     )
     try:
         stack.start()
-        # Both starts at once: the sim is ready long before vLLM has loaded.
-        for model in (VLLM_MODEL, SIM_MODEL):
-            raw_post(stack, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
         yield stack
     finally:
         stack.stop()
@@ -135,10 +146,11 @@ class EngineUnderTest:
         return openai.OpenAI(base_url=f"{self.stack.base_url}/v1", api_key=TOKENS[scope],
                              max_retries=0, timeout=60)
 
-    def post(self, path: str, body: dict | bytes, timeout: float = 60):
+    def post(self, path: str, body: dict | bytes, timeout: float = 60,
+             content_type: str = "application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return urllib3.request("POST", f"{self.endpoint}{path}", body=data, timeout=timeout,
-                               headers={"Content-Type": "application/json"}, retries=False)
+                               headers={"Content-Type": content_type}, retries=False)
 
     def get(self, path: str):
         return urllib3.request("GET", f"{self.endpoint}{path}", timeout=30, retries=False)
@@ -182,6 +194,17 @@ class EngineUnderTest:
 
 _QUEUE_GAUGES = tuple(re.compile(rf"^vllm:num_requests_{name}(?:{{[^}}]*}})? (\S+)$", re.M)
                       for name in ("running", "waiting"))
+
+
+def _start_selected(request, stack: Stack, models: dict[str, str]) -> None:
+    """Ask at once for each engine of the pair that a selected test runs on: the sim is ready
+    long before vLLM has loaded, and a vLLM no selected test uses is not started (~50 s)."""
+    fixture = request.fixturename
+    wanted = {item.callspec.params.get(fixture) for item in request.session.items
+              if hasattr(item, "callspec")}
+    for kind, model in models.items():
+        if kind in wanted:
+            raw_post(stack, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
 
 
 def _ready_endpoint(stack: Stack, model: str, timeout: float) -> str:
@@ -233,12 +256,24 @@ def _pin_the_engine_core_beside_the_worker(stack: Stack, model: str) -> None:
 @pytest.fixture(scope="package", params=["sim", "vllm"])
 def engine(request, contract_stack) -> EngineUnderTest:
     """Each contract test runs once on the sim and once on the real vLLM."""
-    model = SIM_MODEL if request.param == "sim" else VLLM_MODEL
-    endpoint = _ready_endpoint(contract_stack, model, VLLM_START_SECONDS)
-    if request.param == "vllm":
-        _pin_the_engine_core_beside_the_worker(contract_stack, model)
-    return EngineUnderTest(request.param, model, endpoint, ENGINES[request.param],
-                           contract_stack)
+    return _engine_under_test(request, contract_stack, {"vllm": VLLM_MODEL, "sim": SIM_MODEL})
+
+
+@pytest.fixture(scope="package", params=["sim", "vllm"])
+def lora_engine(request, contract_stack) -> EngineUnderTest:
+    """The LoRA contract tests' engines: the sim and vLLM with LoRA_ARGS and LORA_ENV."""
+    return _engine_under_test(request, contract_stack,
+                              {"vllm": VLLM_LORA_MODEL, "sim": SIM_LORA_MODEL})
+
+
+def _engine_under_test(request, stack: Stack, models: dict[str, str]) -> EngineUnderTest:
+    _start_selected(request, stack, models)
+    kind = request.param
+    model = models[kind]
+    endpoint = _ready_endpoint(stack, model, VLLM_START_SECONDS)
+    if kind == "vllm":
+        _pin_the_engine_core_beside_the_worker(stack, model)
+    return EngineUnderTest(kind, model, endpoint, ENGINES[kind], stack)
 
 
 class StreamWatch:
