@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from runtimes.sim.fields import ApiError, validation_error
+from runtimes.sim.fields import ApiError, lax_bool, validation_error
 from runtimes.sim.protocol import read_json_object
 from runtimes.storage import RepoCache
 
@@ -102,8 +102,6 @@ def _module(item: str) -> tuple[str, str] | None:
 class Adapter:
     name: str
     path: str  # as the caller gave it: what /v1/models reports as `root`
-    int_id: int
-    rank: int
 
 
 @dataclass(slots=True)
@@ -112,8 +110,7 @@ class LoraRegistry:
 
     options: LoraOptions
     base_model: str
-    adapters: dict[str, Adapter] = field(default_factory=dict)
-    next_id: int = 1
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # in load order, as listed
 
     def __contains__(self, name: object) -> bool:
         return name in self.adapters
@@ -130,10 +127,8 @@ class LoraRegistry:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you "
                            "want to load the adapter in place, set 'load_inplace' to True.",
                            "InvalidUserInput")
-        rank = self._check_adapter(name, path)
-        previous = self.adapters.get(name)
-        int_id = previous.int_id if previous else self._new_id()
-        self.adapters[name] = Adapter(name, path, int_id, rank)
+        self._check_adapter(name, path)
+        self.adapters[name] = Adapter(name, path)  # in place: keeps its place in the listing
         return f"Success: LoRA adapter '{name}' added successfully."
 
     def unload(self, name: str) -> str:
@@ -150,12 +145,8 @@ class LoraRegistry:
                  "root": a.path, "parent": self.base_model, "max_model_len": None}
                 for a in self.adapters.values()]
 
-    def _new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-    def _check_adapter(self, name: str, path: str) -> int:
-        """The adapter's rank, after the checks vLLM's worker makes while loading it."""
+    def _check_adapter(self, name: str, path: str) -> None:
+        """Refuse the adapter as vLLM's worker would while loading it."""
         if not self.options.enabled:
             raise _worker_failed(_NOT_ENABLED)
         directory = Path(resolve_adapter_path(path))
@@ -170,7 +161,6 @@ class LoraRegistry:
                                  f"{self.options.max_lora_rank}.")
         if not any((directory / weights).is_file() for weights in _WEIGHT_FILES):
             raise _worker_failed(f"{directory} doesn't contain tensors")
-        return rank
 
 
 _NOT_ENABLED = "LoRA is not enabled. Use --enable-lora to enable LoRA."
@@ -247,7 +237,7 @@ def register_lora_routes(app: web.Application, engine) -> None:
         try:
             body = await _lora_body(request, ("lora_name", "lora_path"))
             text = registry.load(body["lora_name"], body["lora_path"],
-                                 body.get("load_inplace") is True)
+                                 lax_bool(body, "load_inplace"))
         except ApiError as error:
             return error.response()
         relist()

@@ -74,10 +74,12 @@ def _parse_common(body: dict, config: SimConfig, adapters: Container[str]) -> _C
     model = body.get("model")
     # vLLM falls back to the served model when the field is left out. Its error names the base
     # model only, not the adapters it serves (runtimes.sim.lora).
-    adapter = model if model is not None and model != config.model and model in adapters else None
-    if model is not None and model != config.model and adapter is None:
-        raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: "
-                       f"{config.model}.", "NotFoundError", "model")
+    adapter = None
+    if model is not None and model != config.model:
+        if model not in adapters:
+            raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: "
+                           f"{config.model}.", "NotFoundError", "model")
+        adapter = model
     stream = lax_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
