@@ -3,18 +3,28 @@
 The catalog is a JSON file (`MODEL_CATALOG_FILE`) of the form `{"models": [{...}, ...]}`. An entry
 that leaves out `engine` runs on the default engine (`RUNTIME_TYPE`), so one catalog serves a GPU
 box (vLLM) and a laptop (sim) alike; `engine_args` holds the arguments per engine.
+
+An entry's `kind` says what it serves: `generate` (the default: completions, chat, Responses,
+Messages) or `embedding` (embeddings, score, rerank: vLLM's pooling runner). An entry with a
+`base` is not a model but a LoRA adapter of one (`AdapterSpec`): it is served by an engine of its
+base, which the gateway loads it into on first use; its base must be a generate model of the
+catalog, and that base's engines are then started with LoRA enabled (`max_loras`,
+`max_lora_rank`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 ENGINES = ("vllm", "sglang", "sim")
+GENERATE = "generate"
+EMBEDDING = "embedding"
+KINDS = (GENERATE, EMBEDDING)
 
 
 class CatalogError(ValueError):
@@ -47,7 +57,27 @@ class ModelSpec:
     download_weights: bool = False
     hf_allow_patterns: tuple[str, ...] | None = None
     hf_ignore_patterns: tuple[str, ...] | None = None
+    kind: str = GENERATE
+    # LoRA: whether the catalog declares adapters of this model, and the engine's bounds for them.
+    serves_adapters: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
     fingerprint: str = field(default="", compare=False)
+
+    @property
+    def repo_id(self) -> str:
+        return self.hf_repo or self.id
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter of `base`: its weights are a local `path`, or a Hub repo in the HF cache."""
+
+    id: str
+    base: str
+    path: str | None = None
+    hf_repo: str | None = None
+    revision: str | None = None
 
     @property
     def repo_id(self) -> str:
@@ -106,16 +136,53 @@ class _EntrySchema(Schema):
     download_weights = fields.Boolean(load_default=None, allow_none=True)
     hf_allow_patterns = fields.List(fields.String(), load_default=None, allow_none=True)
     hf_ignore_patterns = fields.List(fields.String(), load_default=None, allow_none=True)
+    kind = fields.String(load_default=GENERATE, validate=validate.OneOf(KINDS))
+    # vLLM's --max-loras (adapters in one batch) and --max-lora-rank; only for a base of adapters.
+    max_loras = fields.Integer(load_default=4, validate=validate.Range(min=1, max=256))
+    max_lora_rank = fields.Integer(load_default=16, validate=validate.Range(min=1, max=512))
+
+
+class _AdapterSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    base = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    path = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    hf_repo = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1))
+    revision = fields.String(load_default=None, allow_none=True)
 
 
 class ModelCatalog:
-    """The models that may be served, by id."""
+    """The models that may be served, by id, and the LoRA adapters of some of them."""
 
-    def __init__(self, specs: list[ModelSpec]):
+    def __init__(self, specs: list[ModelSpec], adapters: list[AdapterSpec] = ()):
         self._specs = {spec.id: spec for spec in specs}
+        self._adapters = {adapter.id: adapter for adapter in adapters}
 
     def get(self, model_id: str) -> ModelSpec | None:
         return self._specs.get(model_id)
+
+    def adapter(self, adapter_id: str) -> AdapterSpec | None:
+        return self._adapters.get(adapter_id)
+
+    def adapters(self, base: str | None = None) -> list[AdapterSpec]:
+        """The adapters, or those of one base model."""
+        return [a for a in self._adapters.values() if base is None or a.base == base]
+
+    def weights_spec(self, name: str) -> ModelSpec | None:
+        """What to download for `name`: a model's own spec, or for an adapter from the Hub a
+        spec of its repo that downloads as its base's weights do (None: nothing to fetch)."""
+        spec = self._specs.get(name)
+        if spec is not None:
+            return spec
+        adapter = self._adapters.get(name)
+        if adapter is None or adapter.hf_repo is None:
+            return None
+        base = self._specs[adapter.base]
+        return ModelSpec(id=adapter.id, engine=base.engine, gpus=0, hf_repo=adapter.hf_repo,
+                         revision=adapter.revision, download_weights=base.download_weights,
+                         fingerprint=adapter.id)
 
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._specs
@@ -141,10 +208,18 @@ class ModelCatalog:
         if not isinstance(document, dict) or not isinstance(document.get("models"), list):
             raise CatalogError(f'model catalog {source}: expected {{"models": [...]}}')
         specs: list[ModelSpec] = []
+        adapters: list[tuple[str, AdapterSpec]] = []
         seen: set[str] = set()
         for index, raw in enumerate(document["models"]):
             name = raw.get("id") if isinstance(raw, dict) else None
             label = f"entry {index}" + (f" ({name})" if name else "")
+            if isinstance(raw, dict) and "base" in raw:
+                adapter = _load_adapter(raw, f"model catalog {source}: {label}")
+                if adapter.id in seen:
+                    raise CatalogError(f"model catalog {source}: {label}: duplicate id")
+                seen.add(adapter.id)
+                adapters.append((label, adapter))
+                continue
             try:
                 entry = _EntrySchema().load(raw)
             except ValidationError as exc:
@@ -186,7 +261,40 @@ class ModelCatalog:
                                       else entry["download_weights"]),
                     hf_allow_patterns=_patterns(entry["hf_allow_patterns"]),
                     hf_ignore_patterns=_patterns(entry["hf_ignore_patterns"]),
+                    kind=entry["kind"],
+                    max_loras=entry["max_loras"],
+                    max_lora_rank=entry["max_lora_rank"],
                     fingerprint=fingerprint,
                 )
             )
-        return cls(specs)
+        return cls(_with_adapters(specs, adapters, source), [a for _, a in adapters])
+
+
+def _load_adapter(raw: dict, label: str) -> AdapterSpec:
+    try:
+        entry = _AdapterSchema().load(raw)
+    except ValidationError as exc:
+        raise CatalogError(f"{label}: {exc.messages}") from None
+    if (entry["path"] is None) == (entry["hf_repo"] is None):
+        raise CatalogError(f"{label}: an adapter needs one of 'path' or 'hf_repo'")
+    return AdapterSpec(id=entry["id"], base=entry["base"], path=entry["path"],
+                       hf_repo=entry["hf_repo"], revision=entry["revision"])
+
+
+def _with_adapters(specs: list[ModelSpec], adapters: list[tuple[str, AdapterSpec]],
+                   source: str) -> list[ModelSpec]:
+    """The specs, each base of an adapter marked as serving adapters (a new fingerprint: its
+    engines start with LoRA enabled); an adapter whose base is missing is refused by name."""
+    by_id = {spec.id: spec for spec in specs}
+    bases: set[str] = set()
+    for label, adapter in adapters:
+        base = by_id.get(adapter.base)
+        if base is None:
+            raise CatalogError(f"model catalog {source}: {label}: its base '{adapter.base}' "
+                               "is not a model of the catalog")
+        if base.kind != GENERATE:
+            raise CatalogError(f"model catalog {source}: {label}: its base '{adapter.base}' "
+                               "is an embedding model; adapters need a generate model")
+        bases.add(base.id)
+    return [replace(spec, serves_adapters=True, fingerprint=spec.fingerprint + "+lora")
+            if spec.id in bases else spec for spec in specs]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtimes.catalog import ModelSpec
+from runtimes.catalog import EMBEDDING, ModelSpec
 
 _probe_pool = urllib3.PoolManager(num_pools=64, maxsize=2, retries=False)
 
@@ -41,6 +41,10 @@ class Launch:
     port: int
 
 
+def _has_flag(args: tuple[str, ...], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
     """The value of `flag` in `args` (`--flag V` or `--flag=V`), or None."""
     for i, arg in enumerate(args):
@@ -60,6 +64,13 @@ class Engine:
     # The flag that caps the engine's share of each GPU's memory (weights, KV cache and the
     # rest), so that engines placed side by side on one GPU stay within it.
     memory_flag = ""
+    # What serves an embedding model, and the LoRA flags (vLLM's by default).
+    embedding_flags: tuple[str, ...] = ("--runner", "pooling")
+    lora_flag = "--enable-lora"
+    max_loras_flag = "--max-loras"
+    max_lora_rank_flag = "--max-lora-rank"
+    # The engine's routes that load and unload an adapter at run time.
+    lora_routes = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
     def can_sleep(self, spec: ModelSpec) -> bool:
         return False
@@ -107,16 +118,38 @@ class Engine:
     def argv(self, spec: ModelSpec, host: str, port: int, *, in_container: bool) -> list[str]:
         raise NotImplementedError
 
+    def kind_args(self, spec: ModelSpec) -> list[str]:
+        """The flags that make the engine serve an embedding model (vLLM's pooling runner)."""
+        if spec.kind != EMBEDDING or _has_flag(spec.args, self.embedding_flags[0]):
+            return []
+        return list(self.embedding_flags)
+
+    def lora_args(self, spec: ModelSpec) -> list[str]:
+        """The flags that let the engine take LoRA adapters at run time, for a base of adapters
+        (unless engine_args set them: the operator's choice wins)."""
+        if not spec.serves_adapters:
+            return []
+        args = [] if _has_flag(spec.args, self.lora_flag) or not self.lora_flag else [
+            self.lora_flag]
+        for flag, value in ((self.max_loras_flag, spec.max_loras),
+                            (self.max_lora_rank_flag, spec.max_lora_rank)):
+            if flag and not _has_flag(spec.args, flag):
+                args += [flag, str(value)]
+        return args
+
+    def lora_env(self, spec: ModelSpec) -> dict[str, str]:
+        return {}
+
     def launch(self, spec: ModelSpec, host: str, port: int, *, in_container: bool,
                memory_fraction: float | None = None) -> Launch:
         """What runs one instance; `memory_fraction` is its share of each GPU's memory when it
         shares GPUs with others (None: the engine's own default, a GPU to itself)."""
         argv = self.argv(spec, host, port, in_container=in_container)
-        return Launch(
-            argv=tuple(argv + self.memory_args(spec, memory_fraction)),
-            env=dict(spec.env),
-            port=port,
-        )
+        argv += self.memory_args(spec, memory_fraction) + self.kind_args(spec)
+        env = dict(spec.env)
+        for name, value in self.lora_env(spec).items():
+            env.setdefault(name, value)
+        return Launch(argv=tuple(argv + self.lora_args(spec)), env=env, port=port)
 
     def probe(self, endpoint: str, served_name: str, timeout: float = 2.0) -> bool:
         """True when the engine at `endpoint` is ready to serve `served_name`."""
@@ -200,7 +233,14 @@ class VllmEngine(Engine):
         if "--enable-sleep-mode" in spec.args:
             # The /sleep and /wake_up endpoints exist only in vLLM's dev mode.
             launch.env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        if spec.kind != EMBEDDING:
+            # GET /v1/responses/{id} and cancel answer only for stored responses.
+            launch.env.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
         return launch
+
+    def lora_env(self, spec):
+        # The load and unload routes exist only with runtime updating allowed.
+        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if spec.serves_adapters else {}
 
 
 class SglangEngine(Engine):
@@ -208,6 +248,11 @@ class SglangEngine(Engine):
     concurrency_flag = "--max-running-requests"
     # Weights and KV cache pool, as a share of the GPU's memory.
     memory_flag = "--mem-fraction-static"
+    embedding_flags = ("--is-embedding",)
+    lora_flag = ""  # SGLang takes adapters at run time once --max-loras-per-batch is set
+    max_loras_flag = "--max-loras-per-batch"
+    max_lora_rank_flag = "--max-lora-rank"
+    lora_routes = ("/load_lora_adapter", "/unload_lora_adapter")
     metric_names = (
         ("sglang:num_queue_reqs",),
         ("sglang:num_running_reqs",),
@@ -240,6 +285,16 @@ class SimEngine(Engine):
 
     def can_sleep(self, spec):
         return True
+
+    def launch(self, spec, host, port, *, in_container, memory_fraction=None):
+        launch = super().launch(spec, host, port, in_container=in_container,
+                                memory_fraction=memory_fraction)
+        if spec.kind != EMBEDDING:  # the sim reads vLLM's variable
+            launch.env.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+        return launch
+
+    def lora_env(self, spec):
+        return VllmEngine.lora_env(self, spec)
 
     def argv(self, spec, host, port, *, in_container):
         python = "python3" if in_container else sys.executable

@@ -17,11 +17,14 @@ from config.settings import (
     load_settings,
 )
 from runtimes.catalog import CatalogError, ModelCatalog
+from runtimes.engines import ENGINES
 
 REQUIRED = {"REDIS_URL": "redis://127.0.0.1:6390/0", "AUTH_KEYS_FILE": "/etc/gw/keys.json"}
 EXAMPLE_CATALOG = REPO_ROOT / "config" / "models.example.json"
 GEMMA = "synquid/gemma-3-27b-it-FP8"
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.1"
+E5 = "intfloat/e5-mistral-7b-instruct"
+LORA = "acme/mistral-support-lora"
 
 
 # ---------------------------------------------------------------- settings
@@ -159,9 +162,11 @@ def test_checkout_defaults_stay_out_of_images():
 
 def test_example_catalog_on_vllm():
     catalog = ModelCatalog.from_file(EXAMPLE_CATALOG, "vllm")
-    assert {spec.id for spec in catalog} == {GEMMA, MISTRAL}
+    assert {spec.id for spec in catalog} == {GEMMA, MISTRAL, E5}
     gemma, mistral = catalog.get(GEMMA), catalog.get(MISTRAL)
     assert gemma.engine == mistral.engine == "vllm"
+    assert (gemma.kind, mistral.kind, catalog.get(E5).kind) == ("generate", "generate",
+                                                                "embedding")
     assert gemma.args == ("--max-model-len", "16384", "--gpu-memory-utilization", "0.90",
                           "--enable-sleep-mode", "--scheduling-policy", "priority")
     assert mistral.args[:2] == ("--max-model-len", "8192")
@@ -169,7 +174,13 @@ def test_example_catalog_on_vllm():
     assert (gemma.idle_timeout_seconds, mistral.idle_timeout_seconds) == (900, 600)
     assert (gemma.gpus, gemma.weights_gb, gemma.repo_id) == (1, 29.5, GEMMA)
     assert (gemma.min_replicas, gemma.max_replicas) == (0, 1)
-    assert GEMMA in catalog and "nope/model" not in catalog and len(catalog) == 2
+    assert GEMMA in catalog and "nope/model" not in catalog and len(catalog) == 3
+    # The example adapter is no model of its own: its base's engines serve it, with LoRA on.
+    assert LORA not in catalog and catalog.get(LORA) is None
+    adapter = catalog.adapter(LORA)
+    assert (adapter.base, adapter.hf_repo, adapter.path) == (MISTRAL, LORA, None)
+    assert mistral.serves_adapters and not gemma.serves_adapters
+    assert (mistral.max_loras, mistral.max_lora_rank) == (4, 16)
 
 
 def test_example_catalog_on_sim():
@@ -195,6 +206,54 @@ def test_fingerprint_follows_the_engine_and_the_entry():
     edited = ModelCatalog.from_document(document, "vllm")
     assert edited.get(GEMMA).fingerprint != on_vllm.get(GEMMA).fingerprint
     assert edited.get(MISTRAL).fingerprint == on_vllm.get(MISTRAL).fingerprint
+
+
+def test_engine_flags_of_kind_and_adapters():
+    """An embedding model starts with vLLM's pooling runner (SGLang: --is-embedding); a base of
+    adapters with LoRA enabled at run time, its bounds from the catalog; the operator's own
+    engine_args win over both."""
+    catalog = ModelCatalog.from_file(EXAMPLE_CATALOG, "vllm")
+    e5 = catalog.get(E5)
+    argv = ENGINES["vllm"].launch(e5, "127.0.0.1", 8000, in_container=False).argv
+    assert argv[argv.index("--runner") + 1] == "pooling"
+    launch = ENGINES["vllm"].launch(catalog.get(MISTRAL), "127.0.0.1", 8001, in_container=False)
+    assert "--enable-lora" in launch.argv
+    assert launch.argv[launch.argv.index("--max-loras") + 1] == "4"
+    assert launch.argv[launch.argv.index("--max-lora-rank") + 1] == "16"
+    assert launch.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert launch.env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    gemma = ENGINES["vllm"].launch(catalog.get(GEMMA), "127.0.0.1", 8002, in_container=False)
+    assert "--enable-lora" not in gemma.argv and "--runner" not in gemma.argv
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in gemma.env
+
+    sglang = ModelCatalog.from_file(EXAMPLE_CATALOG, "sglang")
+    argv = ENGINES["sglang"].launch(sglang.get(E5), "127.0.0.1", 8000, in_container=False).argv
+    assert "--is-embedding" in argv and "--runner" not in argv
+    argv = ENGINES["sglang"].launch(sglang.get(MISTRAL), "h", 1, in_container=False).argv
+    assert argv[argv.index("--max-loras-per-batch") + 1] == "4"
+
+    own = ModelCatalog.from_document({"models": [
+        {"id": "e", "kind": "embedding", "engine_args": {"vllm": ["--runner", "pooling",
+                                                                  "--max-loras", "2"]}},
+        {"id": "b", "engine_args": {"vllm": ["--max-loras", "2"]}},
+        {"id": "b/lora", "base": "b", "path": "/adapters/b"}]}, "vllm")
+    argv = ENGINES["vllm"].launch(own.get("e"), "h", 1, in_container=False).argv
+    assert argv.count("--runner") == 1
+    argv = ENGINES["vllm"].launch(own.get("b"), "h", 1, in_container=False).argv
+    assert argv.count("--max-loras") == 1 and argv[argv.index("--max-loras") + 1] == "2"
+
+
+def test_adapters_change_their_base_fingerprint_once():
+    document = json.loads(EXAMPLE_CATALOG.read_text())
+    with_one = ModelCatalog.from_document(document, "vllm")
+    document["models"].append({"id": "acme/second-lora", "base": MISTRAL, "path": "/x"})
+    with_two = ModelCatalog.from_document(document, "vllm")
+    document["models"] = [m for m in document["models"] if "base" not in m]
+    without = ModelCatalog.from_document(document, "vllm")
+    assert with_one.get(MISTRAL).fingerprint == with_two.get(MISTRAL).fingerprint
+    assert with_one.get(MISTRAL).fingerprint != without.get(MISTRAL).fingerprint
+    assert with_one.get(GEMMA).fingerprint == without.get(GEMMA).fingerprint
+    assert [a.id for a in with_two.adapters()] == [LORA, "acme/second-lora"]
 
 
 def test_explicit_engine_and_plain_seconds():
@@ -227,6 +286,17 @@ VALID = {"id": "ok/model", "gpus": 0}
         ([{"id": "bad/replicas", "min_replicas": 2, "max_replicas": 1}], 0, "bad/replicas",
          "min_replicas > max_replicas"),
         ([VALID, VALID], 1, "ok/model", "duplicate id"),
+        ([{"id": "bad/kind", "kind": "rerank"}], 0, "bad/kind", "kind"),
+        ([VALID, {"id": "a/lora", "base": "no/such", "path": "/a"}], 1, "a/lora",
+         "base 'no/such' is not a model of the catalog"),
+        ([{"id": "e", "kind": "embedding"}, {"id": "e/lora", "base": "e", "path": "/a"}], 1,
+         "e/lora", "embedding model"),
+        ([VALID, {"id": "a/lora", "base": "ok/model"}], 1, "a/lora", "'path' or 'hf_repo'"),
+        ([VALID, {"id": "a/lora", "base": "ok/model", "path": "/a", "hf_repo": "a/b"}], 1,
+         "a/lora", "'path' or 'hf_repo'"),
+        ([VALID, {"id": "ok/model", "base": "ok/model", "path": "/a"}], 1, "ok/model",
+         "duplicate id"),
+        ([VALID, {"id": "a/lora", "base": 3, "path": "/a"}], 1, "a/lora", "base"),
     ],
 )
 def test_malformed_entry_is_named(entries, index, name, complaint):
