@@ -178,6 +178,7 @@ class RuntimeRegistry:
         pipe.hdel(self._records_key, instance_id)
         pipe.hdel(self.key("last_used"), instance_id)
         pipe.delete(self.key("inflight", instance_id))
+        pipe.delete(self.key("lora", instance_id))  # the adapters it had (runtimes.lora)
         pipe.execute()
 
     # -- start timings ---------------------------------------------------------------------

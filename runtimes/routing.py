@@ -1,4 +1,5 @@
-"""Which engine instance serves a call: the ready instances of a model, fewest calls in flight.
+"""Which engine instance serves a call: the ready instances of a model, fewest calls in flight
+(for a LoRA adapter, first those that have it loaded).
 
 Each web worker (and batch worker) keeps the registry's records for `cache_seconds` (0.5 s by
 default), so the proxy's hot path makes no Redis round trip; a call that finds its engine gone
@@ -32,10 +33,15 @@ class RuntimeRouter:
             self._refresh()
         return self._ready.get(model, [])
 
-    def pick(self, model: str, inflight: dict[str, int]) -> RuntimeRecord | None:
+    def pick(self, model: str, inflight: dict[str, int],
+             prefer: set[str] | None = None) -> RuntimeRecord | None:
+        """The least loaded ready instance; among the ids in `prefer` if any is ready (a LoRA
+        adapter's affinity: the replicas that have it loaded already)."""
         candidates = self.ready(model)
         if not candidates:
             return None
+        if prefer:
+            candidates = [r for r in candidates if r.id in prefer] or candidates
         if len(candidates) == 1:
             return candidates[0]
         return min(candidates, key=lambda r: inflight.get(r.id, 0))

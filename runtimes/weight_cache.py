@@ -47,7 +47,8 @@ class WeightCache:
         self._last_used = f"{registry.prefix}:weights:last_used"
 
     def spec(self, model: str) -> ModelSpec:
-        spec = self.catalog.get(model)
+        """The weights of a catalog model, or of a LoRA adapter from the Hub."""
+        spec = self.catalog.weights_spec(model)
         if spec is None:
             raise KeyError(model)
         return spec

@@ -72,12 +72,20 @@ class ModelWeights:
             return True
         if any(r.state in LIVE_STATES for r in self.registry.for_model(spec.id)):
             return True  # its weights are local already; a scale-out needs nothing more
-        if self.downloads.tracker.active(spec.repo_id, spec.revision):
-            return False
-        if not self.disk.is_local(spec):
-            log.info("%s: weights of %s not in the cache; downloading before the start",
-                     spec.id, spec.repo_id)
-            self.downloads.ask_download(spec, for_start=True)
+        # A base of LoRA adapters starts once their weights are here too: the engine loads
+        # them from its HF cache on their first call.
+        wanted = [spec] + [self.disk.spec(a.id) for a in self.disk.catalog.adapters(spec.id)
+                           if a.hf_repo is not None]
+        missing = False
+        for weights in wanted:
+            if self.downloads.tracker.active(weights.repo_id, weights.revision):
+                missing = True
+            elif not self.disk.is_local(weights):
+                log.info("%s: weights of %s not in the cache; downloading before the start",
+                         spec.id, weights.repo_id)
+                self.downloads.ask_download(weights, for_start=weights is spec)
+                missing = True
+        if missing:
             return False
         self.disk.note_used(spec)
         try:
