@@ -36,9 +36,10 @@ from runtimes.storage import (
     resident_bytes,
     select_files,
 )
+from runtimes.tiny_lora import TinyLora, adapter_files
 from runtimes.weight_cache import NotCached, WeightsInUse
 from runtimes.weights import ModelWeights, WeightsConfig
-from tests.fakehub import FakeHub, make_model_repo
+from tests.fakehub import FakeHub, FakeRepo, make_model_repo
 from tests.harness import REPO, kill_engines, kill_group, wait_for
 
 MB = 1024 * 1024
@@ -487,3 +488,24 @@ def test_the_control_plane_downloads_before_it_starts(hub, hf_home, redis_db, ma
     finally:
         control.stop_all()
         kill_engines(tmp_path / "rt")
+
+
+def test_a_base_of_hub_adapters_starts_once_they_are_downloaded_too(hub, hf_home, make_weights):
+    """An adapter from the Hub downloads with its base, before the base starts: the engine
+    loads it from its HF cache by repo id on the adapter's first call."""
+    hub.add(make_model_repo("org/base", shard_mb=0.5))
+    lora = hub.add(FakeRepo("org/base-lora", {name: data for name, data in adapter_files(
+        TinyLora(seed=3)).items()}))
+    weights = make_weights([_entry("m/base", "org/base"),
+                            {"id": "m/base-lora", "base": "m/base", "hf_repo": "org/base-lora"},
+                            {"id": "m/local-lora", "base": "m/base", "path": "/adapters/x"}])
+    base = weights.disk.catalog.get("m/base")
+    assert weights.prepare_for_start(base) is False  # both were asked for, inline here
+    adapter = weights.disk.spec("m/base-lora")
+    assert (adapter.repo_id, adapter.download_weights) == ("org/base-lora", True)
+    assert weights.disk.is_local(base) and weights.disk.is_local(adapter)
+    snapshot = RepoCache(hf_home, "org/base-lora").snapshot_dir("main")
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(lora.files)
+    assert weights.prepare_for_start(base) is True
+    # A local adapter has nothing to fetch.
+    assert weights.disk.catalog.weights_spec("m/local-lora") is None
