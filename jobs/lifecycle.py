@@ -24,10 +24,12 @@ from jobs.limits import BatchLimits
 from jobs.store import RUNNING_STATUSES, JobStore, LineResult
 from jobs.tenancy import DEFAULT_PROJECT
 from runtimes.catalog import ModelCatalog
+from runtimes.engine_requests import KIND_BY_ENDPOINT
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+# The urls a batch may use (OpenAI's Batch API allows embeddings and responses too).
+ENDPOINTS = tuple(KIND_BY_ENDPOINT)
 WINDOWS = {"24h": 24 * 3600}
 MAX_REPORTED_ERRORS = 100
 # The statuses of a job before its chunks exist: a batch being validated, an eval run being
@@ -165,6 +167,13 @@ class JobLifecycle:
         if allowed is not None and model not in allowed:
             return problem("model_not_allowed", f"this key may not use model {model!r}",
                            "body.model")
+        kind = self.catalog.get(model).kind
+        if kind != KIND_BY_ENDPOINT[endpoint]:
+            return problem("model_kind_mismatch", f"model {model!r} is a {kind} model; "
+                           f"{endpoint} needs a {KIND_BY_ENDPOINT[endpoint]} model",
+                           "body.model")
+        if body.get("stream") is True:
+            return problem("invalid_body", "a batch line cannot be streamed", "body.stream")
         try:
             self.validate_body(endpoint, body)
         except ValueError as exc:

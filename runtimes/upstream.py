@@ -160,9 +160,10 @@ class EnginePool:
         sock.settimeout(self.read_timeout)
         return sock, sock.makefile("rb", buffering=READ_BLOCK)
 
-    def post(self, path: str, body: bytes, request_id: str) -> UpstreamResponse:
+    def post(self, path: str, body: bytes, request_id: str,
+             method: bytes = b"POST") -> UpstreamResponse:
         head = b"".join((
-            b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", self._host_header,
+            method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", self._host_header,
             b"\r\nContent-Type: application/json\r\nContent-Length: ", str(len(body)).encode(),
             b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n\r\n",
         ))
@@ -220,10 +221,10 @@ class EngineClient:
         self.read_timeout = read_timeout
         self._pools: dict[tuple[str, int], EnginePool] = {}
 
-    def send(self, host: str, port: int, path: str, body: bytes,
-             request_id: str) -> UpstreamResponse:
+    def send(self, host: str, port: int, path: str, body: bytes, request_id: str,
+             method: bytes = b"POST") -> UpstreamResponse:
         pool = self._pools.get((host, port))
         if pool is None:
             pool = self._pools[(host, port)] = EnginePool(
                 host, port, self.pool_size, self.connect_timeout, self.read_timeout)
-        return pool.post(path, body, request_id)
+        return pool.post(path, body, request_id, method)

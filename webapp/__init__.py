@@ -15,6 +15,7 @@ import threading
 from flask import Flask
 
 from config.logs import configure_logging
+from runtimes.lora import AdapterLoader
 from runtimes.upstream import EngineClient
 from services import Services
 from tasks.broker import BrokerStats
@@ -25,6 +26,7 @@ from webapp.keystore import KeyStore
 from webapp.limits import KeyLimiter
 from webapp.metrics import register_metrics
 from webapp.request_id import current_request_id, register_request_id
+from webapp.response_owners import ResponseOwners
 from webapp.usage import UsageTracker
 
 
@@ -60,14 +62,29 @@ def build_gateway(services: Services, broker_options: dict) -> Gateway:
             settings.upstream_read_timeout,
         ),
         broker=broker,
+        adapters=AdapterLoader(services.registry),
+        responses=ResponseOwners(services.redis),
     )
 
 
 def register_blueprints(app: Flask) -> None:
     # Imported here, not at the top: the views reach the gateway through webapp.context.
-    from webapp import batch, batches, dashboard, docs, evals, files, health, models, realtime
+    from webapp import (
+        batch,
+        batches,
+        dashboard,
+        docs,
+        engine_api,
+        evals,
+        files,
+        health,
+        messages,
+        models,
+        realtime,
+    )
 
-    for module in (health, docs, realtime, batch, files, batches, evals, dashboard, models):
+    for module in (health, docs, realtime, engine_api, messages, batch, files, batches, evals,
+                   dashboard, models):
         app.register_blueprint(module.bp)
 
 

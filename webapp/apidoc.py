@@ -52,6 +52,18 @@ class ErrorResponse(Schema):
     error = fields.Nested(ErrorDetail, required=True)
 
 
+class AnthropicErrorDetail(Schema):
+    type = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class AnthropicErrorResponse(Schema):
+    """Anthropic's error shape, which `/v1/messages` answers (webapp.errors)."""
+
+    type = fields.String(required=True, validate=validate.Equal("error"))
+    error = fields.Nested(AnthropicErrorDetail, required=True)
+
+
 def first_error(messages) -> tuple[str, str]:
     """(dotted field path, message) of the first error in marshmallow's nested messages."""
     path: list[str] = []
@@ -94,10 +106,12 @@ def _query_dict(schema: Schema) -> dict:
 
 def accepts(body: Schema | None = None, *, query: Schema | None = None,
             form: Schema | None = None, raw_body: Schema | None = None,
-            summary: str | None = None, responses: dict | None = None) -> Callable:
+            summary: str | None = None, responses: dict | None = None,
+            error_schema: str = "ErrorResponse") -> Callable:
     """Check a view's input with these schemas and record them for the OpenAPI document.
 
-    `raw_body` documents a body the view reads itself (the realtime pass-through)."""
+    `raw_body` documents a body the view reads itself (the realtime pass-through);
+    `error_schema` names the shape of the route's errors (Anthropic's on /v1/messages)."""
 
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
@@ -111,7 +125,8 @@ def accepts(body: Schema | None = None, *, query: Schema | None = None,
             return view(*args, **kwargs)
 
         checked.openapi = {"body": body or raw_body, "query": query, "form": form,
-                           "summary": summary, "responses": responses or {}}
+                           "summary": summary, "responses": responses or {},
+                           "error_schema": error_schema}
         return checked
 
     return decorator
@@ -172,12 +187,15 @@ def _operation(rule, view, methods) -> dict:
         errors = {k: v for k, v in errors.items() if k not in ("401", "403", "429")}
     else:
         operation["security"] = [{"bearerAuth": []}]
+        if getattr(view, "accepts_x_api_key", False):
+            operation["security"].append({"apiKeyHeader": []})
         operation["x-required-scopes"] = list(scopes)
         operation["description"] = "Scope: " + " or ".join(f"`{s}`" for s in scopes) + "."
+    error_schema = meta.get("error_schema", "ErrorResponse")
     for status, description in errors.items():
         responses.setdefault(status, {"description": description,
                                       "content": {"application/json":
-                                                  {"schema": "ErrorResponse"}}})
+                                                  {"schema": error_schema}}})
     operation["responses"] = responses
     return operation
 
@@ -189,7 +207,10 @@ def build_openapi(app: Flask) -> dict:
                    info={"description": "One OpenAI-compatible endpoint in front of "
                                         "self-hosted inference engines."})
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("apiKeyHeader",
+                                    {"type": "apiKey", "in": "header", "name": "x-api-key"})
     spec.components.schema("ErrorResponse", schema=ErrorResponse)
+    spec.components.schema("AnthropicErrorResponse", schema=AnthropicErrorResponse)
     paths: dict[str, dict] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         if rule.endpoint == "static":

@@ -18,23 +18,27 @@ from webapp.keystore import ApiKey
 from webapp.limits import LimitExceeded
 
 
-def _presented_token(allow_query_key: bool) -> str | None:
+def _presented_token(allow_query_key: bool, allow_x_api_key: bool = False) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if allow_x_api_key and request.headers.get("x-api-key", "").strip():
+        return request.headers["x-api-key"].strip()  # how Anthropic's SDK sends its key
     if allow_query_key:
         return request.args.get("key") or None
     return None
 
 
-def authenticate(scopes: tuple[str, ...], allow_query_key: bool = False) -> ApiKey:
+def authenticate(scopes: tuple[str, ...], allow_query_key: bool = False,
+                 allow_x_api_key: bool = False) -> ApiKey:
     """The key of this request if it holds one of `scopes`; else the 401 or 403."""
-    token = _presented_token(allow_query_key)
+    token = _presented_token(allow_query_key, allow_x_api_key)
     if token is None:
         raise APIError(
             401,
-            "Missing API key. Send it as 'Authorization: Bearer <token>'.",
+            "Missing API key. Send it as 'Authorization: Bearer <token>'"
+            + (" or 'x-api-key: <token>'." if allow_x_api_key else "."),
             code="missing_api_key",
         )
     key = gateway().keystore.lookup(token)
@@ -52,16 +56,19 @@ def authenticate(scopes: tuple[str, ...], allow_query_key: bool = False) -> ApiK
     return key
 
 
-def require_scope(*scopes: str, allow_query_key: bool = False) -> Callable:
-    """Guard a view: the key must hold at least one of `scopes`."""
+def require_scope(*scopes: str, allow_query_key: bool = False,
+                  allow_x_api_key: bool = False) -> Callable:
+    """Guard a view: the key must hold at least one of `scopes`. `allow_x_api_key`: the token
+    may come as `x-api-key` too (Anthropic's header, on the Messages routes)."""
 
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
         def guarded(*args, **kwargs):
-            authenticate(scopes, allow_query_key)
+            authenticate(scopes, allow_query_key, allow_x_api_key)
             return view(*args, **kwargs)
 
         guarded.required_scopes = scopes
+        guarded.accepts_x_api_key = allow_x_api_key
         return guarded
 
     return decorator

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from runtimes.lora import AdapterLoader
 from runtimes.upstream import EngineClient
 from services import Services
 from tasks.broker import BrokerStats
 from webapp.keystore import KeyStore
 from webapp.limits import KeyLimiter
+from webapp.response_owners import ResponseOwners
 from webapp.usage import UsageTracker
 
 EXTENSION = "gateway"
@@ -28,6 +30,8 @@ class Gateway:
     usage: UsageTracker
     engine_client: EngineClient
     broker: BrokerStats
+    adapters: AdapterLoader
+    responses: ResponseOwners
 
 
 def gateway() -> Gateway:

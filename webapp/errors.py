@@ -3,6 +3,10 @@
 Every error a client sees is `{"error": {"message", "type", "code", "param"}}` with a fitting
 status: views raise `APIError`, Werkzeug's `HTTPException`s are translated, and anything
 unexpected becomes a 500 whose trace goes to the log, never to the client.
+
+The one exception is Anthropic's Messages API (`/v1/messages...`), whose clients read Anthropic's
+shape, `{"type": "error", "error": {"type", "message"}}`: the same errors are written that way
+there (`anthropic_error_body`), engine errors included.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+
+from runtimes.engine_errors import engine_error, error_fields
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +59,39 @@ def error_body(message: str, type: str, code: str | None, param: str | None = No
     ).encode()
 
 
+ANTHROPIC_PATHS = "/v1/messages"
+# Status -> Anthropic's error type (its API reference, "Errors").
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    type_ = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else
+                                 "invalid_request_error")
+    return json.dumps({"type": "error", "error": {"type": type_, "message": message}}).encode()
+
+
+def anthropic_engine_error(status: int, body: bytes) -> bytes:
+    """An engine's error answer on the Messages route, in Anthropic's shape (the message kept,
+    whatever shape the engine wrote it in)."""
+    ours = engine_error(status, error_fields(_json_or_none(body)), body)
+    return anthropic_error_body(status, ours["error"]["message"])
+
+
+def _json_or_none(body: bytes):
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
 def error_response(error: APIError) -> Response:
+    body = (anthropic_error_body(error.status, error.message)
+            if request.path.startswith(ANTHROPIC_PATHS)
+            else error_body(error.message, error.type, error.code, error.param))
     response = Response(
-        error_body(error.message, error.type, error.code, error.param),
+        body,
         status=error.status,
         content_type="application/json",
     )

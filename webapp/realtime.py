@@ -10,14 +10,17 @@ no Redis round trip unless the key has limits or the model is cold.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, g, request
 
-from runtimes.catalog import ModelSpec
+from runtimes.catalog import GENERATE, AdapterSpec, ModelSpec
 from runtimes.engine_errors import normalise_engine_error
 from runtimes.engine_priority import REALTIME, set_engine_priority
 from runtimes.engine_requests import CHAT_COMPLETION, COMPLETION
-from runtimes.registry import READY
+from runtimes.lora import AdapterLoadError
+from runtimes.registry import READY, RuntimeRecord
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 from webapp import coldstart
 from webapp.apidoc import accepts, documented
@@ -32,48 +35,102 @@ from webapp.schemas import validate_body
 bp = Blueprint("realtime", __name__)
 
 
-def _model_spec(model: str) -> ModelSpec:
-    spec = services().catalog.get(model)
-    if spec is None:
-        raise APIError(
-            404, f"The model '{model}' does not exist.", code="model_not_found", param="model"
-        )
-    return spec
+def model_spec(model: str) -> tuple[ModelSpec, AdapterSpec | None]:
+    """The catalog entry that serves `model`: its own, or for a LoRA adapter its base's (with
+    the adapter); 404 for a name the catalog does not know."""
+    catalog = services().catalog
+    spec = catalog.get(model)
+    if spec is not None:
+        return spec, None
+    adapter = catalog.adapter(model)
+    if adapter is not None:
+        return catalog.get(adapter.base), adapter
+    raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
+                   param="model")
 
 
-def _forward(schema, path: str):
+def check_kind(spec: ModelSpec, kind: str, model: str) -> None:
+    """400 when the route needs the other kind of model (embeddings from a generate model)."""
+    if spec.kind != kind:
+        raise APIError(400, f"The model '{model}' is a {spec.kind} model; this endpoint needs "
+                            f"a {kind} model.", code="model_kind_mismatch", param="model")
+
+
+def forward(schema, path: str, kind: str | None = GENERATE, priority: bool = True,
+            watch: Callable[[RuntimeRecord, bytes], None] | None = None,
+            error_shape: Callable[[int, bytes], bytes] = normalise_engine_error):
+    """Check the call, send it to a ready instance of its model and relay the answer.
+
+    `priority`: the call carries vLLM's `priority` (the Anthropic route does not: vLLM's Messages
+    request has no such field); `watch(record, data)` sees the answer of a call that succeeded (a
+    whole body, or a stream's chunks); `error_shape` writes an engine error in the route's
+    envelope."""
     gw = gateway()
     raw = read_request_body()
     body = parse_json_object(raw)
     validate_body(schema, body)
-    spec = _model_spec(body["model"])
-    if set_engine_priority(spec, body, REALTIME):  # most urgent, whatever the caller asked
+    spec, adapter = model_spec(body["model"])
+    if kind is not None:  # None: any model (tokenize)
+        check_kind(spec, kind, body["model"])
+    if priority and set_engine_priority(spec, body, REALTIME):  # most urgent, whatever was asked
         raw = json.dumps(body, separators=(",", ":")).encode()
-    g.model = spec.id  # the model label of this call's metrics (webapp.metrics)
+    g.model = body["model"]  # the model label of this call's metrics (webapp.metrics)
     key = g.api_key
-    check_model_allowed(key, spec.id)
+    check_model_allowed(key, body["model"])
     release_lease = admit(key)
     request_id = g.request_id  # webapp.request_id: the caller's or a new one
-    gw.usage.arrived(spec.id)
+    gw.usage.arrived(spec.id)  # an adapter's demand is its base's
+    call = _Call(spec, adapter, path, raw, request_id, bool(body.get("stream")), watch,
+                 error_shape)
     try:
-        return _send(gw, spec, path, raw, request_id, bool(body.get("stream")), release_lease)
+        return _send(gw, call, release_lease)
     except BaseException:
         if release_lease is not None:
             release_lease()
         raise
 
 
-def _open_upstream(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_id: str):
+@dataclass(frozen=True, slots=True)
+class _Call:
+    spec: ModelSpec
+    adapter: AdapterSpec | None
+    path: str
+    raw: bytes
+    request_id: str
+    stream: bool
+    watch: Callable[[RuntimeRecord, bytes], None] | None
+    error_shape: Callable[[int, bytes], bytes]
+
+
+def _pick(gw: Gateway, call: _Call) -> RuntimeRecord:
+    """A ready instance of the call's model (cold: `coldstart`), with the adapter loaded."""
+    router, usage, spec = gw.services.router, gw.usage, call.spec
+    if call.adapter is None:
+        return router.pick(spec.id, usage.inflight) or coldstart.await_runtime(spec)
+    loader = gw.adapters
+    have = loader.loaded_on(router.ready(spec.id), call.adapter.id)
+    record = router.pick(spec.id, usage.inflight, prefer=have) or coldstart.await_runtime(spec)
+    try:
+        loader.ensure(record, spec, call.adapter, known_loaded=record.id in have)
+    except AdapterLoadError as exc:
+        raise APIError(exc.status, str(exc), type="server_error", code="adapter_load_failed",
+                       param="model", headers={"Retry-After": "1"} if exc.status == 503
+                       else None) from None
+    return record
+
+
+def _open_upstream(gw: Gateway, call: _Call):
     """Send the call to a ready instance; return it and the engine's unread answer.
 
     The call counts as in flight on the instance from here; the caller ends it.
     """
     router, usage, client = gw.services.router, gw.usage, gw.engine_client
     for attempt in (1, 2):
-        record = router.pick(spec.id, usage.inflight) or coldstart.await_runtime(spec)
-        usage.begin(record.id, spec.id)
+        record = _pick(gw, call)
+        usage.begin(record.id, call.spec.id)
         try:
-            return record, client.send(record.host, record.port, path, raw, request_id)
+            return record, client.send(record.host, record.port, call.path, call.raw,
+                                       call.request_id)
         except (EngineTimeout, EngineBrokeOff) as exc:
             usage.end(record.id)
             raise engine_failure(exc) from None
@@ -92,28 +149,35 @@ def _open_upstream(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_
     raise AssertionError("unreachable")
 
 
-def _send(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_id: str, stream: bool,
-          release_lease) -> Response:
+def _send(gw: Gateway, call: _Call, release_lease) -> Response:
     usage = gw.usage
-    record, upstream = _open_upstream(gw, spec, path, raw, request_id)
+    record, upstream = _open_upstream(gw, call)
+    if call.adapter is not None and upstream.status == 404:
+        # The engine lost the adapter we thought loaded (it restarted under the same id): load
+        # it once more and send again.
+        data = read_body(upstream)
+        usage.end(record.id)
+        if b"does not exist" not in data:
+            if release_lease is not None:
+                release_lease()
+            return _whole(call, 404, data, "application/json")
+        gw.adapters.reload(record, call.spec, call.adapter)
+        record, upstream = _open_upstream(gw, call)
 
-    headers = {"X-Request-Id": request_id}
-    if not stream or upstream.status != 200:
+    if not call.stream or upstream.status != 200:
         try:
             data = read_body(upstream)
         finally:
             usage.end(record.id)
             if release_lease is not None:
                 release_lease()
-        if upstream.status >= 400:
-            data = normalise_engine_error(upstream.status, data)
-            content_type = "application/json"  # our envelope, whatever the engine sent
-        else:
-            content_type = upstream.headers.get("Content-Type", "application/json")
-        return Response(data, status=upstream.status, content_type=content_type, headers=headers)
+        if upstream.status == 200 and call.watch is not None:
+            call.watch(record, data)
+        return _whole(call, upstream.status, data,
+                      upstream.headers.get("Content-Type", "application/json"))
 
     instance_id = record.id
-    timer = StreamTimer(spec.id)
+    timer = StreamTimer(call.spec.id)
 
     def on_end(outcome: str) -> None:
         usage.end(instance_id)
@@ -121,14 +185,29 @@ def _send(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_id: str, 
             release_lease()
         timer.end(outcome)
 
-    headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(
-        relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end, timer.first),
-        status=200,
-        content_type=upstream.headers.get("Content-Type", "text/event-stream"),
-        headers=headers,
-        direct_passthrough=True,
-    )
+    chunks = relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end, timer.first)
+    if call.watch is not None:
+        chunks = _watched(chunks, record, call.watch)
+    headers = {"X-Request-Id": call.request_id, "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+    return Response(chunks, status=200, headers=headers, direct_passthrough=True,
+                    content_type=upstream.headers.get("Content-Type", "text/event-stream"))
+
+
+def _whole(call: _Call, status: int, data: bytes, content_type: str) -> Response:
+    if status >= 400:
+        data = call.error_shape(status, data)
+        content_type = "application/json"  # our envelope, whatever the engine sent
+    return Response(data, status=status, content_type=content_type,
+                    headers={"X-Request-Id": call.request_id})
+
+
+def _watched(chunks: Iterator[bytes], record: RuntimeRecord,
+             watch: Callable[[RuntimeRecord, bytes], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        if chunk:
+            watch(record, chunk)
+        yield chunk
 
 
 @bp.post("/v1/completions")
@@ -136,7 +215,7 @@ def _send(gw: Gateway, spec: ModelSpec, path: str, raw: bytes, request_id: str, 
 @accepts(raw_body=COMPLETION, summary="A completion, relayed to the model's engine as sent",
          responses={503: "The model is starting or waking (Retry-After)."})
 def completions():
-    return _forward(COMPLETION, "/v1/completions")
+    return forward(COMPLETION, "/v1/completions")
 
 
 @bp.post("/v1/chat/completions")
@@ -144,7 +223,7 @@ def completions():
 @accepts(raw_body=CHAT_COMPLETION, summary="A chat completion, relayed to the model's engine",
          responses={503: "The model is starting or waking (Retry-After)."})
 def chat_completions():
-    return _forward(CHAT_COMPLETION, "/v1/chat/completions")
+    return forward(CHAT_COMPLETION, "/v1/chat/completions")
 
 
 def _states() -> dict[str, str]:
@@ -159,28 +238,37 @@ def _states() -> dict[str, str]:
     return states
 
 
-def _model_object(spec: ModelSpec, states: dict[str, str]) -> dict:
-    return {"id": spec.id, "object": "model", "created": 0, "owned_by": "llm-gateway",
-            "engine": spec.engine, "state": states.get(spec.id, "stopped")}
+def _model_object(spec: ModelSpec, states: dict[str, str],
+                  adapter: AdapterSpec | None = None) -> dict:
+    """A model, or an adapter (`parent`: its base, whose engines serve it, and its state)."""
+    entry = {"id": spec.id, "object": "model", "created": 0, "owned_by": "llm-gateway",
+             "engine": spec.engine, "kind": spec.kind, "state": states.get(spec.id, "stopped")}
+    if adapter is not None:
+        entry.update(id=adapter.id, parent=spec.id, root=adapter.repo_id if adapter.hf_repo
+                     else adapter.id)
+    return entry
 
 
 @bp.get("/v1/models")
 @require_scope("realtime")
-@documented("The catalog's models this key may use, with their state")
+@documented("The catalog's models and LoRA adapters this key may use, with their state")
 def list_models():
     key = g.api_key
     states = _states()
-    data = [_model_object(spec, states) for spec in services().catalog
-            if key.allows_model(spec.id)]
+    catalog = services().catalog
+    data = [_model_object(spec, states) for spec in catalog if key.allows_model(spec.id)]
+    data += [_model_object(catalog.get(adapter.base), states, adapter)
+             for adapter in catalog.adapters() if key.allows_model(adapter.id)]
     return {"object": "list", "data": data}
 
 
 @bp.get("/v1/models/<path:model_id>")
 @require_scope("realtime")
-@documented("One model (ids hold slashes: /v1/models/org/name)")
+@documented("One model or adapter (ids hold slashes: /v1/models/org/name)")
 def retrieve_model(model_id: str):
-    spec = services().catalog.get(model_id)
-    if spec is None or not g.api_key.allows_model(spec.id):
-        raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found",
-                       param="model")
-    return _model_object(spec, _states())
+    catalog = services().catalog
+    if g.api_key.allows_model(model_id) and (model_id in catalog or catalog.adapter(model_id)):
+        spec, adapter = model_spec(model_id)
+        return _model_object(spec, _states(), adapter)
+    raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found",
+                   param="model")
