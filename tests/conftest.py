@@ -13,6 +13,7 @@ import redis as redis_lib
 import urllib3
 
 from runtimes.registry import READY, RuntimeRegistry
+from runtimes.tiny_lora import TinyLora, write_adapter_dir
 from tests.harness import REPO, RedisServer, Stack, ensure_dockerd
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -101,6 +102,22 @@ def keys_file(tmp_path_factory) -> Path:
     return path
 
 
+LORA_BASE = "sim/lora"
+ADAPTERS = tuple(f"{LORA_BASE}-{name}" for name in ("a", "b", "c"))
+
+
+def catalog_with_adapters(workdir: Path) -> Path:
+    """The test catalog plus three LoRA adapters of `sim/lora` (max_loras 2), written here."""
+    document = json.loads((DATA / "models.test.json").read_text())
+    for seed, adapter in enumerate(ADAPTERS, start=1):
+        path = write_adapter_dir(workdir / "adapters" / adapter.rsplit("/", 1)[1],
+                                 TinyLora(seed=seed))
+        document["models"].append({"id": adapter, "base": LORA_BASE, "path": str(path)})
+    catalog = workdir / "models.json"
+    catalog.write_text(json.dumps(document))
+    return catalog
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, redis_server, keys_file):
     """The web app (2 gevent workers) and a control worker with beat, on the test catalog."""
@@ -108,7 +125,7 @@ def stack(tmp_path_factory, redis_server, keys_file):
     stack = Stack(
         workdir,
         f"{redis_server.url}/0",
-        DATA / "models.test.json",
+        catalog_with_adapters(workdir),
         keys_file,
         RESTART_BACKOFF_SECONDS="0.2",
         BATCH_SWEEP_SECONDS="1",
@@ -154,12 +171,14 @@ def raw_post(stack: Stack, path: str, body: bytes | dict, token: str | None = "r
                            timeout=timeout, retries=False)
 
 
-def warm(stack: Stack, model: str, timeout: float = 30) -> dict:
-    """Call `model` until its engine is ready; return the first successful completion."""
+def warm(stack: Stack, model: str, timeout: float = 30, embedding: bool = False) -> dict:
+    """Call `model` until its engine is ready; return the first successful completion (the
+    first embeddings, for an embedding model)."""
     deadline = time.monotonic() + timeout
+    path, body = (("/v1/embeddings", {"model": model, "input": "warm up"}) if embedding else
+                  ("/v1/completions", {"model": model, "prompt": "warm up", "max_tokens": 2}))
     while time.monotonic() < deadline:
-        response = raw_post(stack, "/v1/completions",
-                            {"model": model, "prompt": "warm up", "max_tokens": 2})
+        response = raw_post(stack, path, body)
         if response.status == 200:
             return response.json()
         assert response.status == 503, response.data
