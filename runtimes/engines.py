@@ -140,6 +140,15 @@ class Engine:
     def lora_env(self, spec: ModelSpec) -> dict[str, str]:
         return {}
 
+    def max_loras(self, spec: ModelSpec) -> int:
+        """Adapters the gateway keeps loaded per engine: the engine's flag when engine_args set
+        it (the operator's figure), else the catalog's `max_loras`."""
+        value = _flag_value(spec.args, self.max_loras_flag) if self.max_loras_flag else None
+        try:
+            return max(1, int(value)) if value is not None else spec.max_loras
+        except ValueError:
+            return spec.max_loras
+
     def launch(self, spec: ModelSpec, host: str, port: int, *, in_container: bool,
                memory_fraction: float | None = None) -> Launch:
         """What runs one instance; `memory_fraction` is its share of each GPU's memory when it

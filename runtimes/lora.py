@@ -93,7 +93,8 @@ class AdapterLoader:
         if self.redis.zscore(key, adapter.id) is not None:  # another worker loaded it
             return
         loaded = self.redis.zrange(key, 0, -1)  # least recently used first
-        for victim in loaded[:max(0, len(loaded) - base.max_loras + 1)]:
+        room = engine_for(base).max_loras(base)
+        for victim in loaded[:max(0, len(loaded) - room + 1)]:
             self._unload(record, base, victim.decode())
             self.redis.zrem(key, victim)
         self._load(record, base, adapter)

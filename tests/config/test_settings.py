@@ -241,6 +241,9 @@ def test_engine_flags_of_kind_and_adapters():
     assert argv.count("--runner") == 1
     argv = ENGINES["vllm"].launch(own.get("b"), "h", 1, in_container=False).argv
     assert argv.count("--max-loras") == 1 and argv[argv.index("--max-loras") + 1] == "2"
+    # The gateway keeps as many loaded as the engine's own flag says.
+    assert ENGINES["vllm"].max_loras(own.get("b")) == 2
+    assert ENGINES["vllm"].max_loras(catalog.get(MISTRAL)) == 4
 
 
 def test_adapters_change_their_base_fingerprint_once():
