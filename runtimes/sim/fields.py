@@ -51,14 +51,17 @@ def _shown(value: object) -> str:
 
 
 def validation_error(loc: str, kind: str, msg: str, value: object,
-                     *more: tuple[str, str, str]) -> ApiError:
+                     *more: tuple[str, str, str], ctx: str | None = None) -> ApiError:
     """A value of the wrong type: pydantic's error, as vLLM's server words it. `more` holds
     further (loc, type, msg) errors about the same value: a field of a union type (`stop`: a
-    string or a list) fails once per member."""
+    string or a list) fails once per member. `ctx`, when given, is the first error's context
+    as pydantic prints it (`{'error': ValueError('...')}`)."""
     errors = [(loc, kind, msg), *more]
     count = f"{len(errors)} validation error{'s' if len(errors) > 1 else ''}"
-    lines = [f"  {{'type': '{k}', 'loc': '{where}', 'msg': '{text}', 'input': {_shown(value)!r}}}"
+    lines = [f"  {{'type': '{k}', 'loc': '{where}', 'msg': {text!r}, 'input': {_shown(value)!r}}}"
              for where, k, text in errors]
+    if ctx is not None:
+        lines[0] = f"{lines[0][:-1]}, 'ctx': {ctx}}}"
     return ApiError(400, "\n".join([f"{count}:", *lines]), "Bad Request", loc)
 
 

@@ -1,10 +1,11 @@
 """The sim engine's HTTP application: a stand-in for vLLM's OpenAI-compatible server.
 
 It answers the routes the gateway and the `openai` SDK use (/v1/models, /v1/completions,
-/v1/chat/completions, /health, /metrics and vLLM's sleep-mode endpoints) with vLLM's response and
-error shapes, simulates time to first token and time per output token, and can crash mid-request
+/v1/chat/completions, /health, /metrics and vLLM's sleep-mode endpoints; the Responses API and
+the Anthropic Messages API are in `responses` and `messages`) with vLLM's response and error
+shapes, simulates time to first token and time per output token, and can crash mid-request
 on purpose. Requests are parsed in `protocol`, queued by `scheduler`, counted in `metrics`; text
-comes from `textgen`.
+comes from `textgen`; admission and pacing, shared by every API, are in `delivery`.
 
 The gateway is benchmarked against this server, so the per-request path stays lean: responses are
 assembled as strings, metrics are plain counters, and nothing sleeps when the timings are zero.
@@ -13,10 +14,7 @@ assembled as strings, metrics are plain counters, and nothing sleeps when the ti
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
-import sys
 import time
 from itertools import zip_longest
 from json.encoder import encode_basestring_ascii
@@ -25,9 +23,19 @@ from aiohttp import web
 
 from runtimes.sim import __version__
 from runtimes.sim.config import SimConfig
+from runtimes.sim.delivery import (
+    CRASH_EXIT_CODE,
+    compact_json,
+    count_admission,
+    open_stream,
+    scheduled,
+    spend_generation_time,
+    stream_steps,
+)
 from runtimes.sim.fields import validation_error
 from runtimes.sim.logprobs import chat_logprobs, completion_logprobs
 from runtimes.sim.lora import register_lora_routes, served_adapters
+from runtimes.sim.messages import register_messages_routes
 from runtimes.sim.metrics import METRICS_HEADERS, EngineMetrics
 from runtimes.sim.protocol import (
     ApiError,
@@ -36,17 +44,12 @@ from runtimes.sim.protocol import (
     parse_completion_request,
     read_json_object,
 )
+from runtimes.sim.responses import register_responses_routes
 from runtimes.sim.scheduler import SlotScheduler
 from runtimes.sim.textgen import Generation, seed_for
 
-CRASH_EXIT_CODE = 3
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+__all__ = ["CRASH_EXIT_CODE", "ENGINE_KEY", "SimEngine", "build_app"]
 _DONE_EVENT = "data: [DONE]\n\n"
-
-
-def _compact_json(value: object) -> str:
-    # vLLM (pydantic) sends JSON without spaces; fewer bytes on the wire is also what we want.
-    return json.dumps(value, separators=(",", ":"))
 
 
 class SimEngine:
@@ -67,7 +70,7 @@ class SimEngine:
         self.ttft_seconds = config.ttft_ms / 1000.0
         self.tpot_seconds = config.tpot_ms / 1000.0
         self.timed = self.ttft_seconds > 0 or self.tpot_seconds > 0
-        self.models_body = _compact_json(
+        self.models_body = compact_json(
             {
                 "object": "list",
                 "data": [
@@ -89,16 +92,6 @@ ENGINE_KEY = web.AppKey("engine", SimEngine)
 
 
 # ---------------------------------------------------------------- generation
-
-
-def _crash(engine: SimEngine, ordinal: int) -> None:
-    sys.stderr.write(
-        f"sim engine: simulated crash during request {ordinal} (--crash-after "
-        f"{engine.config.crash_after})\n"
-    )
-    sys.stderr.flush()
-    # os._exit rather than sys.exit: a real engine crash does not unwind or close sockets nicely.
-    os._exit(CRASH_EXIT_CODE)
 
 
 def _json_or_null(value: str | None) -> str:
@@ -139,7 +132,7 @@ class _ChunkWriter:
         return events
 
     def usage(self, usage: dict[str, int]) -> str:
-        return f'data: {self.head}"choices":[],"usage":{_compact_json(usage)}}}\n\n'
+        return f'data: {self.head}"choices":[],"usage":{compact_json(usage)}}}\n\n'
 
 
 def _events_per_step(writer: _ChunkWriter, job: GenerationJob) -> list[str]:
@@ -162,59 +155,21 @@ async def _stream(
     timing: tuple[float, float],
     crash_ordinal: int,
 ) -> web.StreamResponse:
-    arrived, admitted = timing
+    arrived = timing[0]
     loop = asyncio.get_running_loop()
-    response = web.StreamResponse(headers=_SSE_HEADERS)
-    response.enable_chunked_encoding()
-    await response.prepare(request)
+    response = await open_stream(request)
     writer = _ChunkWriter(job, request_id, int(time.time()), job.model or engine.config.model)
     steps = _events_per_step(writer, job)
     closing = [writer.usage(job.usage())] if job.include_usage else []
     closing.append(_DONE_EVENT)
     try:
-        if engine.timed or crash_ordinal:
-            await _send_paced(response, engine, steps, admitted, crash_ordinal)
-            engine.metrics.ttft.observe(admitted - arrived + engine.ttft_seconds)
-        else:
-            # Nothing to wait for between tokens: the whole stream goes out in one write.
-            closing[:0] = steps
-            engine.metrics.ttft.observe(loop.time() - arrived)
-        await response.write("".join(closing).encode())
-        await response.write_eof()
+        await stream_steps(response, engine, steps, "".join(closing), timing, crash_ordinal)
     except ConnectionResetError:
         engine.metrics.client_disconnects += 1
         return response
     engine.metrics.prompt_tokens += job.prompt_tokens
     engine.metrics.record_success(job, loop.time() - arrived)
     return response
-
-
-async def _send_paced(
-    response: web.StreamResponse,
-    engine: SimEngine,
-    steps: list[str],
-    admitted: float,
-    crash_ordinal: int,
-) -> None:
-    """Send each step's events when its token is due, crashing halfway if asked to."""
-    loop = asyncio.get_running_loop()
-    crash_step = len(steps) // 2 if crash_ordinal else -1
-    # Events that are already due pile up and go out in one write at the next pause.
-    pending: list[str] = []
-    for step, events in enumerate(steps):
-        delay = admitted + engine.ttft_seconds + step * engine.tpot_seconds - loop.time()
-        if delay > 0:
-            if pending:
-                await response.write("".join(pending).encode())
-                pending.clear()
-            await asyncio.sleep(delay)
-        if step == crash_step:
-            if pending:
-                await response.write("".join(pending).encode())
-            _crash(engine, crash_ordinal)
-        pending.append(events)
-    if pending:
-        await response.write("".join(pending).encode())
 
 
 def _logprobs(job: GenerationJob, generation: Generation, index: int) -> dict | None:
@@ -236,14 +191,7 @@ async def _respond_whole(
     arrived, admitted = timing
     loop = asyncio.get_running_loop()
     steps = max(g.token_count for g in job.generations)
-    busy_seconds = engine.ttft_seconds + (steps - 1) * engine.tpot_seconds
-    if crash_ordinal:
-        await asyncio.sleep(busy_seconds / 2)
-        _crash(engine, crash_ordinal)
-    if engine.timed:
-        delay = admitted + busy_seconds - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    await spend_generation_time(engine, steps, admitted, crash_ordinal)
     engine.metrics.ttft.observe(admitted - arrived + engine.ttft_seconds)
     engine.metrics.prompt_tokens += job.prompt_tokens
     created = int(time.time())
@@ -280,7 +228,7 @@ async def _respond_whole(
         "usage": job.usage(),
     }
     engine.metrics.record_success(job, loop.time() - arrived)
-    return web.Response(body=_compact_json(body).encode(), content_type="application/json")
+    return web.Response(body=compact_json(body).encode(), content_type="application/json")
 
 
 async def _serve_generation(request: web.Request, kind: str) -> web.StreamResponse:
@@ -294,30 +242,15 @@ async def _serve_generation(request: web.Request, kind: str) -> web.StreamRespon
             job = parse_completion_request(body, engine.config, adapters)
     except ApiError as error:
         return error.response()
-    engine.requests_admitted += 1
-    ordinal = engine.requests_admitted
-    crash_ordinal = ordinal if ordinal == engine.config.crash_after else 0
+    crash_ordinal = count_admission(engine)
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     request_id = f"{prefix}{random.getrandbits(128):032x}"
-    loop = asyncio.get_running_loop()
-    arrived = loop.time()
-    try:
-        await engine.awake.wait()
-        await engine.scheduler.acquire(job.priority)
-    except asyncio.CancelledError:
-        engine.metrics.client_disconnects += 1
-        raise
-    try:
-        timing = (arrived, loop.time())
+    arrived = asyncio.get_running_loop().time()
+    async with scheduled(engine, job.priority) as admitted:
+        timing = (arrived, admitted)
         if job.stream:
             return await _stream(request, engine, job, request_id, timing, crash_ordinal)
         return await _respond_whole(engine, job, request_id, timing, crash_ordinal)
-    except asyncio.CancelledError:
-        # aiohttp cancels the handler when the client's connection drops.
-        engine.metrics.client_disconnects += 1
-        raise
-    finally:
-        engine.scheduler.release()
 
 
 # ---------------------------------------------------------------- routes
@@ -416,4 +349,6 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/wake_up", _wake_up)
     app.router.add_get("/is_sleeping", _is_sleeping)
     register_lora_routes(app, engine)
+    register_responses_routes(app, engine)
+    register_messages_routes(app, engine)
     return app

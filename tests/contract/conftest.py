@@ -49,6 +49,8 @@ MAX_NUM_SEQS = 8
 VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_NO_USAGE_STATS": "1",
             "VLLM_SERVER_DEV_MODE": "1"}
+# Both engines keep Responses API objects (GET /v1/responses/{id}); the sim reads vLLM's variable.
+RESPONSES_STORE_ENV = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
 VLLM_ARGS = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
              "--scheduling-policy", "priority"]
 # The sim with vLLM-on-this-CPU's pace (~340 tokens/s for one stream) and the same limits.
@@ -68,9 +70,10 @@ LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 def contract_catalog() -> dict:
     return {"models": [
         {"id": SIM_MODEL, "engine": "sim", "gpus": 0, "max_concurrency": MAX_NUM_SEQS,
-         "engine_args": {"sim": SIM_ARGS}},
+         "env": RESPONSES_STORE_ENV, "engine_args": {"sim": SIM_ARGS}},
         {"id": VLLM_MODEL, "engine": "vllm", "gpus": 0, "hf_repo": TINY_REPO,
-         "max_concurrency": MAX_NUM_SEQS, "env": VLLM_ENV, "expected_start_seconds": 50,
+         "max_concurrency": MAX_NUM_SEQS, "env": {**VLLM_ENV, **RESPONSES_STORE_ENV},
+         "expected_start_seconds": 50,
          "start_timeout_seconds": VLLM_START_SECONDS, "engine_args": {"vllm": VLLM_ARGS}},
         {"id": SIM_LORA_MODEL, "engine": "sim", "gpus": 0, "max_concurrency": MAX_NUM_SEQS,
          "env": LORA_ENV, "engine_args": {"sim": SIM_ARGS + LORA_ARGS}},
