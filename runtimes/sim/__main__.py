@@ -22,6 +22,7 @@ from runtimes.sim.server import build_app
 from runtimes.storage import RepoCache
 
 START_FAILURE_EXIT_CODE = 2
+RUNNERS = ("auto", "generate", "pooling")  # vLLM's "draft" runner serves nothing here
 # aiohttp waits this long for in-flight requests on shutdown; SIGTERM must end the process in 1 s.
 _SHUTDOWN_GRACE_SECONDS = 0.3
 
@@ -129,7 +130,25 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         default=None,
         help="accepted as vLLM's (the share of each GPU placement gave it); the sim holds none",
     )
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="generate",
+        help="vLLM's: generate serves completions and chat; pooling serves embeddings, score, "
+        "rerank (auto: generate, as vLLM picks for a generative model)",
+    )
+    parser.add_argument(
+        "--convert",
+        choices=("auto", "embed", "none"),
+        default="auto",
+        help="vLLM's: with --runner pooling, auto and embed both mean embed",
+    )
+    parser.add_argument(
+        "--hidden-size", type=_positive_int, default=64, help="length of the embeddings"
+    )
     args = parser.parse_args(argv)
+    if args.runner == "pooling" and args.convert == "none":
+        parser.error("--convert none leaves no pooling model to serve with --runner pooling")
     return SimConfig(
         model=args.model,
         host=args.host,
@@ -146,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         snapshot_dir=args.snapshot_dir or _cached_snapshot(args.hf_repo, args.revision),
         scheduling_policy=args.scheduling_policy,
         root=args.hf_repo,
+        runner="pooling" if args.runner == "pooling" else "generate",
+        hidden_size=args.hidden_size,
     )
 
 

@@ -24,3 +24,5 @@ class SimConfig:
     snapshot_dir: str | None = None
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs | priority
     root: str | None = None  # what /v1/models reports as `root`: the repo loaded, as vLLM does
+    runner: str = "generate"  # vLLM's --runner: generate | pooling (embeddings, score, rerank)
+    hidden_size: int = 64  # the length of a pooling runner's embeddings

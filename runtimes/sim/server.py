@@ -28,6 +28,7 @@ from runtimes.sim.config import SimConfig
 from runtimes.sim.fields import validation_error
 from runtimes.sim.logprobs import chat_logprobs, completion_logprobs
 from runtimes.sim.metrics import METRICS_HEADERS, EngineMetrics
+from runtimes.sim.pooling import register_pooling_routes
 from runtimes.sim.protocol import (
     ApiError,
     GenerationJob,
@@ -407,8 +408,10 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/version", _version)
     app.router.add_get("/v1/models", _models)
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/chat/completions", _chat_completions)
+    if config.runner == "generate":  # a pooling runner serves no generation route (vLLM's 404)
+        app.router.add_post("/v1/completions", _completions)
+        app.router.add_post("/v1/chat/completions", _chat_completions)
+    register_pooling_routes(app, config)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/sleep", _sleep)
     app.router.add_post("/wake_up", _wake_up)
