@@ -40,6 +40,10 @@ from tests.harness import REPO, Stack, wait_for
 
 SIM_MODEL = "contract/sim"
 VLLM_MODEL = "contract/vllm"
+# The same tiny model as an embedding model (vLLM's --runner pooling), and the sim beside it.
+SIM_EMBED_MODEL = "contract/sim-embed"
+VLLM_EMBED_MODEL = "contract/vllm-embed"
+EMBED_HIDDEN = 128  # the tiny model's hidden size: the length of its embeddings
 TINY_REPO = "local/tiny-llama"
 MAX_MODEL_LEN = 2048
 MAX_NUM_SEQS = 8
@@ -64,7 +68,30 @@ def contract_catalog() -> dict:
         {"id": VLLM_MODEL, "engine": "vllm", "gpus": 0, "hf_repo": TINY_REPO,
          "max_concurrency": MAX_NUM_SEQS, "env": VLLM_ENV, "expected_start_seconds": 50,
          "start_timeout_seconds": VLLM_START_SECONDS, "engine_args": {"vllm": VLLM_ARGS}},
+        {"id": SIM_EMBED_MODEL, "engine": "sim", "gpus": 0, "max_concurrency": MAX_NUM_SEQS,
+         "engine_args": {"sim": [*SIM_ARGS, "--runner", "pooling", "--hidden-size",
+                                 str(EMBED_HIDDEN)]}},
+        {"id": VLLM_EMBED_MODEL, "engine": "vllm", "gpus": 0, "hf_repo": TINY_REPO,
+         "max_concurrency": MAX_NUM_SEQS, "env": VLLM_ENV, "expected_start_seconds": 50,
+         "start_timeout_seconds": VLLM_START_SECONDS,
+         "engine_args": {"vllm": ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+                                  "--runner", "pooling"]}},
     ]}
+
+
+# Which engine each parametrised engine fixture stands for; a session starts only those its
+# selected tests use (a vLLM start costs ~50 s and ~3 GB).
+_FIXTURE_MODELS = {"engine": {"sim": SIM_MODEL, "vllm": VLLM_MODEL},
+                   "embed_engine": {"sim": SIM_EMBED_MODEL, "vllm": VLLM_EMBED_MODEL}}
+POOLING_MODELS = (SIM_EMBED_MODEL, VLLM_EMBED_MODEL)
+
+
+def models_in_use(items) -> list[str]:
+    """The models the selected tests' engine fixtures serve, the vLLMs first (slowest)."""
+    used = {_FIXTURE_MODELS[name][kind] for item in items
+            for name, kind in getattr(getattr(item, "callspec", None), "params", {}).items()
+            if name in _FIXTURE_MODELS}
+    return sorted(used, key=lambda model: (not model.startswith("contract/vllm"), model))
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +119,7 @@ def tiny_hf_home(tmp_path_factory) -> Path:
 # Package scope: the stack and its engines (a vLLM holds ~3 GB) go once the contract tests are
 # done, rather than idling through the rest of the suite.
 @pytest.fixture(scope="package")
-def contract_stack(tmp_path_factory, redis_server, keys_file, vllm_venv, tiny_hf_home):
+def contract_stack(request, tmp_path_factory, redis_server, keys_file, vllm_venv, tiny_hf_home):
     workdir = tmp_path_factory.mktemp("contract-stack")
     catalog = workdir / "models.contract.json"
     catalog.write_text(json.dumps(contract_catalog()))
@@ -106,8 +133,8 @@ def contract_stack(tmp_path_factory, redis_server, keys_file, vllm_venv, tiny_hf
     )
     try:
         stack.start()
-        # Both starts at once: the sim is ready long before vLLM has loaded.
-        for model in (VLLM_MODEL, SIM_MODEL):
+        # The starts at once: a sim is ready long before a vLLM has loaded.
+        for model in models_in_use(request.session.items):
             raw_post(stack, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
         yield stack
     finally:
@@ -191,9 +218,12 @@ def _ready_endpoint(stack: Stack, model: str, timeout: float) -> str:
         ready = [r for r in registry.for_model(model) if r.state == READY]
         if ready:
             return ready[0].endpoint
+        # A completion is what makes the gateway start a model; a pooling engine, once up,
+        # answers it with its 404 (it serves no generation route).
         response = raw_post(stack, "/v1/completions", {"model": model, "prompt": "hi",
                                                        "max_tokens": 1})
-        assert response.status in (200, 503), response.data
+        answered = 404 if model in POOLING_MODELS else 200
+        assert response.status in (answered, 503), response.data
         time.sleep(1)
     logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in stack.state_dir.glob("*.log"))
     raise TimeoutError(f"{model} not ready in {timeout} s\n{stack.tail('worker')}\n{logs}")
@@ -234,6 +264,17 @@ def _pin_the_engine_core_beside_the_worker(stack: Stack, model: str) -> None:
 def engine(request, contract_stack) -> EngineUnderTest:
     """Each contract test runs once on the sim and once on the real vLLM."""
     model = SIM_MODEL if request.param == "sim" else VLLM_MODEL
+    endpoint = _ready_endpoint(contract_stack, model, VLLM_START_SECONDS)
+    if request.param == "vllm":
+        _pin_the_engine_core_beside_the_worker(contract_stack, model)
+    return EngineUnderTest(request.param, model, endpoint, ENGINES[request.param],
+                           contract_stack)
+
+
+@pytest.fixture(scope="package", params=["sim", "vllm"])
+def embed_engine(request, contract_stack) -> EngineUnderTest:
+    """Each pooling contract test runs on the sim and on vLLM, both with `--runner pooling`."""
+    model = SIM_EMBED_MODEL if request.param == "sim" else VLLM_EMBED_MODEL
     endpoint = _ready_endpoint(contract_stack, model, VLLM_START_SECONDS)
     if request.param == "vllm":
         _pin_the_engine_core_beside_the_worker(contract_stack, model)
