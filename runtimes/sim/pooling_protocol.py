@@ -159,7 +159,7 @@ def parse_embedding_request(body: dict, config: SimConfig,
     embed_dtype = _literal(body, "embed_dtype", EMBED_DTYPES)
     endianness = _literal(body, "endianness", ENDIANNESS)
     dimensions = lax_int(body, "dimensions")
-    lax_int(body, "priority")
+    lax_int(body, "priority")  # parsed as vLLM parses it; a pooling call never waits here
     _check_pooling_model(body, config)
     keep = _truncation(body, config)
     for index, ids in enumerate(prompts):
