@@ -148,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     )
     args = parser.parse_args(argv)
     if args.runner == "pooling" and args.convert == "none":
-        parser.error("--convert none leaves no pooling model to serve with --runner pooling")
+        # vLLM's refusal (it then exits 1), for a generative model without its embed adapter.
+        parser.error("This model does not support `--runner pooling`. You can pass `--convert "
+                     "<embed|classify> to adapt it into a pooling model.")
     return SimConfig(
         model=args.model,
         host=args.host,

@@ -9,12 +9,14 @@ import base64
 import json
 import math
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.runtimes.test_sim import MODEL, SimProcess, http_call, launch, stop
+from tests.runtimes.test_sim import MODEL, REPO_ROOT, SimProcess, http_call, launch, stop
 
 HIDDEN = 48
 
@@ -256,3 +258,12 @@ def test_each_runner_serves_only_its_routes(pooling_sim: SimProcess,
     assert (status, json.loads(data)) == (405, {"detail": "Method Not Allowed"})
     listed = [m.id for m in pooling_sim.client().models.list()]
     assert listed == [MODEL]
+
+
+def test_a_pooling_runner_needs_the_embed_adapter() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "runtimes.sim", "--model", MODEL, "--port", "0", "--runner",
+         "pooling", "--convert", "none"], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=30)
+    assert done.returncode != 0
+    assert "This model does not support `--runner pooling`." in done.stderr
