@@ -23,6 +23,7 @@ from runtimes.sim.server import build_app
 from runtimes.storage import RepoCache
 
 START_FAILURE_EXIT_CODE = 2
+RUNNERS = ("auto", "generate", "pooling")  # vLLM's "draft" runner serves nothing here
 # aiohttp waits this long for in-flight requests on shutdown; SIGTERM must end the process in 1 s.
 _SHUTDOWN_GRACE_SECONDS = 0.3
 
@@ -131,7 +132,27 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         help="accepted as vLLM's (the share of each GPU placement gave it); the sim holds none",
     )
     add_lora_arguments(parser)
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="generate",
+        help="vLLM's: generate serves completions and chat; pooling serves embeddings, score, "
+        "rerank (auto: generate, as vLLM picks for a generative model)",
+    )
+    parser.add_argument(
+        "--convert",
+        choices=("auto", "embed", "none"),
+        default="auto",
+        help="vLLM's: with --runner pooling, auto and embed both mean embed",
+    )
+    parser.add_argument(
+        "--hidden-size", type=_positive_int, default=64, help="length of the embeddings"
+    )
     args = parser.parse_args(argv)
+    if args.runner == "pooling" and args.convert == "none":
+        # vLLM's refusal (it then exits 1), for a generative model without its embed adapter.
+        parser.error("This model does not support `--runner pooling`. You can pass `--convert "
+                     "<embed|classify> to adapt it into a pooling model.")
     return SimConfig(
         model=args.model,
         host=args.host,
@@ -149,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         scheduling_policy=args.scheduling_policy,
         root=args.hf_repo,
         lora=lora_options(args),
+        runner="pooling" if args.runner == "pooling" else "generate",
+        hidden_size=args.hidden_size,
     )
 
 

@@ -29,3 +29,5 @@ class SimConfig:
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs | priority
     root: str | None = None  # what /v1/models reports as `root`: the repo loaded, as vLLM does
     lora: LoraOptions | None = None  # --enable-lora and its flags (runtimes.sim.lora); None: off
+    runner: str = "generate"  # vLLM's --runner: generate | pooling (embeddings, score, rerank)
+    hidden_size: int = 64  # the length of a pooling runner's embeddings

