@@ -61,6 +61,30 @@ def assert_openai_error(response, status: int | None = None) -> dict:
     return error
 
 
+def assert_anthropic_error(response, status: int | None = None) -> dict:
+    """Anthropic's error shape, which the Messages routes answer (its SDK reads that one)."""
+    if status is not None:
+        assert response.status == status, (response.status, response.data[:300])
+    assert response.headers["Content-Type"].startswith("application/json")
+    answer = json.loads(response.data)
+    assert answer["type"] == "error", answer
+    error = answer["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] in ("invalid_request_error", "authentication_error",
+                             "permission_error", "not_found_error", "request_too_large",
+                             "rate_limit_error", "api_error", "overloaded_error"), error
+    return error
+
+
+def assert_route_error(path: str, response, status: int | None = None) -> dict:
+    """The error in the shape of the route: Anthropic's on /v1/messages, else OpenAI's; the
+    returned dict has a `code` either way (Anthropic's `type` stands for it)."""
+    if path.startswith("/v1/messages"):
+        error = assert_anthropic_error(response, status)
+        return {**error, "code": error["type"]}
+    return assert_openai_error(response, status)
+
+
 def test_every_json_route_refuses_deep_nesting_with_a_400_naming_the_limit(stack):
     routes = _json_routes(stack)
     assert len(routes) >= 7, routes
@@ -69,9 +93,9 @@ def test_every_json_route_refuses_deep_nesting_with_a_400_naming_the_limit(stack
     for method, template in routes:
         for body in (deep, moderate):
             response = _send(stack, method, _path(template), body)
-            error = assert_openai_error(response, 400)
-            assert error["code"] == "json_too_deep" and "64 levels" in error["message"], \
-                (template, error)
+            error = assert_route_error(template, response, 400)
+            assert "64 levels" in error["message"], (template, error)
+            assert error["code"] in ("json_too_deep", "invalid_request_error"), error
 
 
 def test_chunked_body_over_the_limit_is_413_naming_it(stack):
@@ -84,11 +108,12 @@ def test_chunked_body_over_the_limit_is_413_naming_it(stack):
         yield b'"}'
 
     pool = urllib3.PoolManager()
-    for path in ("/v1/completions", "/v1/batches", "/v1/evals"):
+    for path in ("/v1/completions", "/v1/batches", "/v1/evals", "/v1/embeddings",
+                 "/v1/responses", "/v1/messages", "/tokenize"):
         response = pool.urlopen(
             "POST", f"{stack.base_url}{path}", body=chunks(), chunked=True, retries=False,
             headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
-        error = assert_openai_error(response, 413)
+        error = assert_route_error(path, response, 413)
         assert str(limit) in error["message"], error
     # A chunked body within the limit is read whole.
     small = pool.urlopen(
@@ -191,7 +216,9 @@ _VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
 _FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "stream",
            "stream_options", "n", "temperature", "top_p", "priority", "input_file_id",
            "endpoint", "completion_window", "metadata", "name", "data_source",
-           "data_source_config", "testing_criteria", "response_format", "stop", "logprobs")
+           "data_source_config", "testing_criteria", "response_format", "stop", "logprobs",
+           "input", "instructions", "max_output_tokens", "store", "system", "tokens", "query",
+           "documents", "text_1", "text_2", "encoding_format", "dimensions")
 
 
 def _valid_bodies(file_id: str) -> dict[str, dict]:
@@ -200,6 +227,15 @@ def _valid_bodies(file_id: str) -> dict[str, dict]:
     chat = {"model": "sim/fast", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 2}
     return {
+        "/v1/embeddings": {"model": "sim/embed", "input": ["hi", "there"]},
+        "/v1/responses": {"model": "sim/fast", "input": "hi", "max_output_tokens": 16},
+        "/v1/messages": chat,
+        "/v1/messages/count_tokens": {"model": "sim/fast",
+                                      "messages": [{"role": "user", "content": "hi"}]},
+        "/tokenize": {"model": "sim/fast", "prompt": "hi there"},
+        "/detokenize": {"model": "sim/fast", "tokens": [1, 2, 3]},
+        "/v1/rerank": {"model": "sim/embed", "query": "q", "documents": ["a", "b"]},
+        "/v1/score": {"model": "sim/embed", "text_1": "a", "text_2": ["b", "c"]},
         "/v1/completions": {"model": "sim/fast", "prompt": "hi", "max_tokens": 2},
         "/v1/chat/completions": chat,
         "/v1/batch/completions": {**chat, "priority": 1},
@@ -223,13 +259,15 @@ def _bodies(valid: dict):
         st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=2),
         st.sets(st.sampled_from(sorted(valid)), max_size=1))
     known = st.fixed_dictionaries({}, optional={
-        field: (st.sampled_from(["sim/fast", "no/such"]) | _VALUES) if field == "model"
+        field: (st.sampled_from(["sim/fast", "sim/embed", "no/such"]) | _VALUES)
+        if field == "model"
         else _VALUES for field in _FIELDS})
     return st.one_of(st.just(valid), changed, changed, known, _VALUES)
 
 
 def test_fuzz_every_json_route_finds_no_server_error(stack):
     warm(stack, "sim/fast")
+    warm(stack, "sim/embed", embedding=True)
     routes = _json_routes(stack)
     line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
                        "body": {"model": "sim/fast", "prompt": "x", "max_tokens": 1}}).encode()
@@ -250,9 +288,10 @@ def test_fuzz_every_json_route_finds_no_server_error(stack):
         response = _send(stack, method, _path(template, ids), json.dumps(body).encode())
         seen.setdefault(template, set()).add(response.status)
         if response.status >= 400:
-            error = assert_openai_error(response)
+            error = assert_route_error(template, response)
             if response.status >= 500:
-                assert error["code"] in HONEST_5XX, (template, body, response.data)
+                assert error["code"] in HONEST_5XX | {"overloaded_error"}, (
+                    template, body, response.data)
 
     check()
     # The fuzz reached every route, and got past the checks on each (not only 400s).

@@ -1,6 +1,6 @@
 """`/openapi.json`: it describes every route, from the schemas that check the requests, and
 schemathesis run against the live stack over it finds no server error and only OpenAI-shaped
-errors."""
+errors (Anthropic-shaped on `/v1/messages`)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def test_the_document_describes_every_route_of_the_app(stack):
     assert {"input_file_id", "endpoint", "completion_window"} <= set(schema["required"])
     assert schema["properties"]["priority"]["maximum"] == 9
     assert "security" not in doc["paths"]["/healthz"]["get"]
+    messages = doc["paths"]["/v1/messages"]["post"]
+    assert {"apiKeyHeader": []} in messages["security"]
+    assert messages["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/AnthropicErrorResponse")
+    assert "apiKeyHeader" not in str(doc["paths"]["/v1/chat/completions"]["post"]["security"])
 
 
 def test_schemathesis_finds_no_server_error_and_only_openai_errors(stack):
@@ -69,14 +74,22 @@ def test_schemathesis_finds_no_server_error_and_only_openai_errors(stack):
                 if response.status_code < 400:
                     return
                 where = f"{case.method} {case.formatted_path} -> {response.status_code}"
+                anthropic = case.formatted_path.startswith("/v1/messages")
                 try:
-                    error = response.json()["error"]
+                    answer = response.json()
+                    error = answer["error"]
                     assert isinstance(error["message"], str)
-                    assert error["code"] is None or isinstance(error["code"], str)
+                    if anthropic:  # Anthropic's shape there, which its SDK reads
+                        assert answer["type"] == "error" and isinstance(error["type"], str)
+                    else:
+                        assert error["code"] is None or isinstance(error["code"], str)
                 except (ValueError, KeyError, TypeError, AssertionError):
-                    failures.append(f"{where}: not OpenAI-shaped: {response.content[:200]!r}")
+                    shape = "Anthropic" if anthropic else "OpenAI"
+                    failures.append(f"{where}: not {shape}-shaped: {response.content[:200]!r}")
                     return
-                if response.status_code >= 500 and error["code"] not in HONEST_5XX:
+                # Anthropic's type for a cold model's 503 is overloaded_error.
+                code = error["type"] if anthropic else error["code"]
+                if response.status_code >= 500 and code not in HONEST_5XX | {"overloaded_error"}:
                     failures.append(f"{where}: {response.content[:200]!r}")
 
             try:

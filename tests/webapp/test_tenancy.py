@@ -20,7 +20,7 @@ import urllib3
 from tests.conftest import OTHER_TOKENS, TOKENS, sdk, warm
 from tests.harness import wait_for
 
-ID_PARAMS = ("file_id", "batch_id", "job_id", "eval_id", "run_id", "item_id")
+ID_PARAMS = ("file_id", "batch_id", "job_id", "eval_id", "run_id", "item_id", "response_id")
 
 
 def _request(stack, method: str, path: str, token: str, body: dict | None = None):
@@ -72,9 +72,12 @@ def world(stack):
              == "completed", 60, interval=0.2, what="the eval run")
     item = evaluator.evals.runs.output_items.list(run.id, eval_id=created.id).data[0]
     assert batch.output_file_id and batch.error_file_id
+    # A stored response (kept by the engine that made it; the gateway notes whose it is).
+    response = sdk(stack, TOKENS["realtime"]).responses.create(
+        model="sim/fast", input="secret question", max_output_tokens=4)
     return {"file_id": file.id, "batch_id": batch.id, "output_file_id": batch.output_file_id,
             "error_file_id": batch.error_file_id, "job_id": job["id"], "eval_id": created.id,
-            "run_id": run.id, "item_id": item.id}
+            "run_id": run.id, "item_id": item.id, "response_id": response.id}
 
 
 def _routes(stack) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -109,7 +112,9 @@ def test_the_matrix_covers_every_object_route(stack):
                 ("DELETE", "/v1/evals/{eval_id}/runs/{run_id}"),
                 ("POST", "/v1/evals/{eval_id}/runs/{run_id}/cancel"),
                 ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items"),
-                ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{item_id}")}
+                ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{item_id}"),
+                ("GET", "/v1/responses/{response_id}"),
+                ("POST", "/v1/responses/{response_id}/cancel")}
     assert expected <= routes, expected - routes
 
 
@@ -145,6 +150,8 @@ def test_the_owning_project_still_has_everything(stack, world):
         == "completed"
     job = _request(stack, "GET", f"/v1/batch/completions/{world['job_id']}", TOKENS["batch2"])
     assert job.status == 200 and job.json()["result"]["choices"]  # same project, another key
+    stored = sdk(stack, TOKENS["all"]).responses.retrieve(world["response_id"])
+    assert stored.id == world["response_id"] and stored.status in ("completed", "incomplete")
 
 
 @pytest.mark.parametrize("scope", ["upload", "batch", "eval"])
