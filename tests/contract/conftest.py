@@ -36,6 +36,7 @@ from runtimes.catalog import ModelSpec
 from runtimes.engine_priority import BATCH, engine_priority
 from runtimes.engines import ENGINES, Engine
 from runtimes.registry import READY, RuntimeRegistry
+from runtimes.tiny_lora import TinyLora, write_adapter_dir
 from runtimes.tiny_model import TinyModel, write_model
 from tests.conftest import TOKENS, raw_post
 from tests.harness import REPO, Stack, wait_for
@@ -73,7 +74,22 @@ LORA_ARGS = ["--enable-lora", "--max-loras", str(MAX_LORAS), "--max-lora-rank", 
 LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
-def contract_catalog() -> dict:
+# The catalog's adapters of each LoRA engine (served through the gateway, which loads them on
+# demand: tests/contract/test_lora_gateway_contract.py).
+GATEWAY_ADAPTERS = ("a", "b", "c")
+
+
+def gateway_adapter(base: str, name: str) -> str:
+    return f"{base}-{name}"
+
+
+def contract_catalog(adapter_root: Path) -> dict:
+    adapters = []
+    for base in (SIM_LORA_MODEL, VLLM_LORA_MODEL):
+        for seed, name in enumerate(GATEWAY_ADAPTERS, start=11):
+            path = write_adapter_dir(adapter_root / base.replace("/", "_") / name,
+                                     TinyLora(seed=seed, rank=MAX_LORA_RANK))
+            adapters.append({"id": gateway_adapter(base, name), "base": base, "path": str(path)})
     return {"models": [
         {"id": SIM_MODEL, "engine": "sim", "gpus": 0, "max_concurrency": MAX_NUM_SEQS,
          "env": RESPONSES_STORE_ENV, "engine_args": {"sim": SIM_ARGS}},
@@ -97,6 +113,7 @@ def contract_catalog() -> dict:
          "start_timeout_seconds": VLLM_START_SECONDS,
          "engine_args": {"vllm": ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
                                   "--runner", "pooling"]}},
+        *adapters,
     ]}
 
 
@@ -131,7 +148,7 @@ def tiny_hf_home(tmp_path_factory) -> Path:
 def contract_stack(tmp_path_factory, redis_server, keys_file, vllm_venv, tiny_hf_home):
     workdir = tmp_path_factory.mktemp("contract-stack")
     catalog = workdir / "models.contract.json"
-    catalog.write_text(json.dumps(contract_catalog()))
+    catalog.write_text(json.dumps(contract_catalog(workdir / "adapters")))
     stack = Stack(
         workdir, f"{redis_server.url}/2", catalog, keys_file,
         HF_HOME=str(tiny_hf_home), VLLM_VENV=str(vllm_venv),
