@@ -31,6 +31,7 @@ from runtimes.catalog import ModelCatalog
 from runtimes.engine_errors import normalise_engine_error
 from runtimes.engine_priority import BATCH, JOB_PRIORITIES, set_engine_priority
 from runtimes.leases import LeaseSet
+from runtimes.lora import AdapterLoader, AdapterLoadError
 from runtimes.policy import batch_per_engine
 from runtimes.routing import RuntimeRouter
 from runtimes.upstream import EngineBrokeOff, EngineClient, EngineTimeout, EngineUnreachable
@@ -63,6 +64,8 @@ class Dispatcher:
         self.kinds = kinds
         self.close_chunk = close_chunk
         self.on_line = on_line
+        # A line for a LoRA adapter runs on an engine of its base, which loads it on first use.
+        self.adapters = AdapterLoader(router.registry, timeout=read_timeout)
         self.admission = AdmissionGate(
             LeaseSet(jobs.redis, f"{jobs.prefix}:batch_inflight", lease_seconds=read_timeout + 60),
             self._cap, sync_seconds=STATE_CACHE_SECONDS)
@@ -86,7 +89,8 @@ class Dispatcher:
         done = self.jobs.done_lines(job_id, [n for n, _ in lines])
         todo = [(n, line) for n, line in lines if n not in done]
         waiting = [(n, line) for n, line in todo
-                   if not all(self.router.ready(model) for model in line_models(line))]
+                   if not all(self.router.ready(self.served_by(model))
+                              for model in line_models(line))]
         runnable = [item for item in todo if item not in waiting]
         left = list(waiting)
         if runnable:
@@ -143,7 +147,7 @@ class Dispatcher:
                 lease = None
                 if line.get("body") is not None:
                     if self.still_running(job_id):
-                        lease = self.admission.acquire(line["body"]["model"],
+                        lease = self.admission.acquire(self.served_by(line["body"]["model"]),
                                                        job.get("priority") or 0,
                                                        lambda: self.still_running(job_id))
                     if lease is None:  # the job stopped: dispatch no more
@@ -152,6 +156,12 @@ class Dispatcher:
                 futures.append(pool.submit(run, number, line, lease))
         return ([future.result() for future in futures]
                 + [None] * (len(items) - len(futures)))
+
+    def served_by(self, model: str) -> str:
+        """The catalog model whose engines serve `model`: itself, or a LoRA adapter's base (its
+        admission, its queue and its engines are the base's)."""
+        adapter = self.catalog.adapter(model)
+        return adapter.base if adapter is not None else model
 
     def still_running(self, job_id: str) -> bool:
         """Whether the job still takes lines, as read at most STATE_CACHE_SECONDS ago."""
@@ -234,12 +244,13 @@ class Dispatcher:
         """POST `body` to a ready engine of `model`, under that model's admission lease (this
         one, taken already, or one waited for here); the lease is given back before returning.
         Raises Transient when the engine cannot answer now, JobStopped when the job stops."""
+        base = self.served_by(model)
         if lease is None:
-            lease = self._lease(job, model)
+            lease = self._lease(job, base)
         try:
-            return self._post(model, url, self._prioritised(job, model, body))
+            return self._post(model, url, self._prioritised(job, base, body))
         finally:
-            self.admission.release(model, lease)
+            self.admission.release(base, lease)
 
     def _prioritised(self, job: dict, model: str, body: dict) -> dict:
         """The body with the engine priority of this job's work (batch lines and eval samples
@@ -253,9 +264,20 @@ class Dispatcher:
         return body
 
     def _post(self, model: str, url: str, body: dict) -> EngineAnswer:
-        record = self.router.pick(model, {})
+        adapter = self.catalog.adapter(model)
+        if adapter is None:
+            record = self.router.pick(model, {})
+        else:
+            ready = self.router.ready(adapter.base)
+            record = self.router.pick(adapter.base, {},
+                                      prefer=self.adapters.loaded_on(ready, adapter.id))
         if record is None:
             raise Transient("no ready engine")
+        if adapter is not None:
+            try:
+                self.adapters.ensure(record, self.catalog.get(adapter.base), adapter)
+            except AdapterLoadError as exc:
+                raise Transient(str(exc)) from None
         request_id = f"req_{uuid.uuid4().hex[:24]}"
         try:
             response = self.engines.send(record.host, record.port, url,
@@ -266,6 +288,10 @@ class Dispatcher:
             raise Transient(f"engine unreachable: {type(exc).__name__}") from None
         if response.status >= 500:
             raise Transient(f"engine answered {response.status}")
+        if adapter is not None and response.status == 404 and b"does not exist" in data:
+            # The engine lost the adapter (it restarted): forget it there; the retry loads it.
+            self.adapters.forget(record, adapter)
+            raise Transient(f"the engine had lost the adapter {adapter.id}")
         if response.status >= 400:
             # The error line's body in the API's envelope, as a realtime caller would get it.
             return EngineAnswer(response.status, request_id,

@@ -162,12 +162,15 @@ class JobLifecycle:
             return problem("duplicate_custom_id", f"custom_id {custom_id!r} appears twice",
                            "custom_id")
         model = body.get("model")
-        if not isinstance(model, str) or model not in self.catalog:
+        adapter = self.catalog.adapter(model) if isinstance(model, str) else None
+        if not isinstance(model, str) or (model not in self.catalog and adapter is None):
             return problem("model_not_found", f"model {model!r} is not served here", "body.model")
         if allowed is not None and model not in allowed:
             return problem("model_not_allowed", f"this key may not use model {model!r}",
                            "body.model")
-        kind = self.catalog.get(model).kind
+        # A LoRA adapter's lines are its base's work (its engines, its queue depth).
+        served_by = adapter.base if adapter is not None else model
+        kind = self.catalog.get(served_by).kind
         if kind != KIND_BY_ENDPOINT[endpoint]:
             return problem("model_kind_mismatch", f"model {model!r} is a {kind} model; "
                            f"{endpoint} needs a {KIND_BY_ENDPOINT[endpoint]} model",
@@ -179,7 +182,7 @@ class JobLifecycle:
         except ValueError as exc:
             return problem("invalid_body", str(exc), "body")
         seen.add(custom_id)
-        per_model[model] = per_model.get(model, 0) + 1
+        per_model[served_by] = per_model.get(served_by, 0) + 1
         return None
 
     # -- ending ----------------------------------------------------------------------------

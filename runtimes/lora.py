@@ -102,9 +102,13 @@ class AdapterLoader:
 
     def reload(self, record: RuntimeRecord, base: ModelSpec, adapter: AdapterSpec) -> None:
         """The engine does not know an adapter we thought loaded (it restarted): load again."""
+        self.forget(record, adapter)
+        self.ensure(record, base, adapter)
+
+    def forget(self, record: RuntimeRecord, adapter: AdapterSpec) -> None:
+        """The engine does not have `adapter` (whatever we noted): the next use loads it."""
         self.redis.zrem(self._key(record.id), adapter.id)
         self._touched.pop((record.id, adapter.id), None)
-        self.ensure(record, base, adapter)
 
     def _key(self, instance_id: str) -> str:
         return self.registry.key("lora", instance_id)
