@@ -12,6 +12,7 @@ from celery import Celery
 from config.settings import Settings
 from services import Services
 from tasks.periodic_logs import quiet_periodic_task_lines
+from tasks.sentinel_transport import use_safe_sentinel_transport
 
 
 class GatewayCelery(Celery):
@@ -26,6 +27,7 @@ class GatewayCelery(Celery):
             # kombu's and Celery's sentinel transports: they ask the Sentinels for the master
             # named here, and again after a connection to it fails.
             url = settings.redis_sentinel.celery_url()
+            use_safe_sentinel_transport()
             sentinel_options = {"master_name": settings.redis_sentinel_master,
                                 "sentinel_kwargs": {"socket_timeout": 1.0}}
             broker_options.update(sentinel_options)

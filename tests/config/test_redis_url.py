@@ -8,6 +8,7 @@ import pytest
 from config.redis_url import SentinelURL
 from config.settings import SettingsError, load_settings
 from tasks.celery_app import GatewayCelery
+from tasks.sentinel_transport import SentinelTransport
 
 KEYS = {"AUTH_KEYS_FILE": "/etc/gw/keys.json"}
 URL = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2;sentinel://10.0.0.3:26380/2"
@@ -60,6 +61,14 @@ def test_celery_gets_the_sentinel_transport_with_the_master_name():
     # What celeryconfig sets stays.
     assert conf.broker_transport_options["queue_order_strategy"] == "priority"
     assert conf.result_backend_transport_options["master_name"] == "gw"
+
+
+def test_the_broker_uses_the_transport_that_survives_a_failover():
+    settings = load_settings(environ={**KEYS, "REDIS_URL": URL})
+    with GatewayCelery(settings).connection_for_write() as connection:
+        assert isinstance(connection.transport, SentinelTransport)
+        connection.switch(connection.alt[1])  # kombu moving on to the next Sentinel
+        assert isinstance(connection.transport, SentinelTransport)
 
 
 def test_celery_on_one_redis_is_as_before():
