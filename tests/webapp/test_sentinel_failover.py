@@ -3,8 +3,9 @@
 On loopback: a primary, a replica and three Sentinels (quick timeouts, so the failover takes a
 few seconds), and a stack of its own whose REDIS_URL is the Sentinels' URL. The primary is killed
 while a batch runs and a thread keeps calling a realtime model: Sentinel must promote the
-replica, the batch complete with every custom_id exactly once, and each realtime call answer 200
-or a 503 with Retry-After, never a 500 and never hang, then 200 again.
+replica, the batch complete with every custom_id exactly once, each realtime call answer 200 or
+a 503 with Retry-After, never a 500 and never hang, then 200 again; the workers stay up, and no
+engine is started twice.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections import Counter
 
 import pytest
 import urllib3
+from redis.sentinel import Sentinel
 
-from tests.conftest import DATA, TOKENS, raw_post, sdk, warm
+from runtimes.registry import RuntimeRegistry
+from tests.conftest import DATA, TOKENS, raw_post, ready_records, sdk, warm
 from tests.harness import RedisSentinel, RedisServer, Stack, wait_for
 
 LINES = 500
@@ -111,6 +114,8 @@ def test_a_primary_killed_mid_batch_fails_over_with_nothing_lost(ha_redis, ha_st
     loop = RealtimeLoop(ha_stack)
     loop.start()
     time.sleep(1)
+    engines_before = sorted(ha_stack.engine_pids())
+    assert len(engines_before) == 2  # sim/fast and sim/batch
 
     killed_at = time.monotonic()
     primary.kill()
@@ -148,6 +153,14 @@ def test_a_primary_killed_mid_batch_fails_over_with_nothing_lost(ha_redis, ha_st
     settled = [status for started, _, status, _ in loop.calls
                if started > killed_at + promoted_after + 2]
     assert settled and set(settled) == {200}, (settled, ha_stack.tail("web"))
+    # The workers rode out the failover (kombu's close race would have ended the batch worker:
+    # tasks.sentinel_transport), and the autoscaler, on the new primary, started no engine twice
+    # and stopped none: the registry there still has each model's one runtime ready.
+    assert all(ha_stack.procs[name].poll() is None for name in ("web", "worker", "batch"))
+    assert sorted(ha_stack.engine_pids()) == engines_before
+    master = Sentinel([("127.0.0.1", s.port) for s in sentinels]).master_for("mymaster", db=0)
+    registry = RuntimeRegistry(master)
+    assert [len(ready_records(registry, m)) for m in ("sim/fast", "sim/batch")] == [1, 1]
     print(f"promoted after {promoted_after:.1f} s; realtime calls: {dict(statuses)}")
 
 
