@@ -20,6 +20,7 @@ from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
 from config import hosts
+from config.redis_url import SentinelURL, is_sentinel_url, parse_sentinel_url
 
 ENGINES = ("vllm", "sglang", "sim")
 BACKENDS = ("process", "docker")
@@ -97,6 +98,11 @@ class Settings:
     # The virtualenv the process backend runs `vllm` from (its bin/ first on the engines' PATH);
     # None: `vllm` as PATH finds it.
     vllm_venv: Path | None = None
+    # REDIS_URL as Sentinels (config.redis_url), None for one plain Redis; the master's name
+    # (REDIS_SENTINEL_MASTER), and how long a command may wait on a Redis that went silent.
+    redis_sentinel: SentinelURL | None = field(default=None, repr=False)
+    redis_sentinel_master: str = "mymaster"
+    redis_socket_timeout: float = 30.0
 
 
 def _read(env: Env) -> Settings:
@@ -110,8 +116,10 @@ def _read(env: Env) -> Settings:
     env.add_parser("docker_hosts", hosts.parse_docker_hosts)
     env.add_parser("gpu_ids", hosts.parse_gpu_ids)
     env.add_parser("host_path", hosts.parse_host_path)
+    env.add_parser("redis_url", _redis_url)
+    redis_url = env.redis_url("REDIS_URL")
     return Settings(
-        redis_url=env.str("REDIS_URL"),
+        redis_url=redis_url,
         auth_keys_file=env.path("AUTH_KEYS_FILE"),
         model_catalog_file=env.path(
             "MODEL_CATALOG_FILE", REPO_ROOT / "config" / "models.example.json"
@@ -194,7 +202,21 @@ def _read(env: Env) -> Settings:
         ) or None,
         flower_port=env.int("FLOWER_PORT", 5555, validate=Range(min=1, max=65535)),
         vllm_venv=_vllm_venv(env.str("VLLM_VENV", None)),
+        redis_sentinel=parse_sentinel_url(redis_url) if is_sentinel_url(redis_url) else None,
+        redis_sentinel_master=env.str(
+            "REDIS_SENTINEL_MASTER", "mymaster", validate=Regexp(r"^[A-Za-z0-9_.-]{1,64}$")
+        ),
+        redis_socket_timeout=env.float(
+            "REDIS_SOCKET_TIMEOUT", 30.0, validate=Range(min=0.5, max=600)
+        ),
     )
+
+
+def _redis_url(value: str) -> str:
+    """REDIS_URL as given, once a Sentinel URL among them is known to parse."""
+    if is_sentinel_url(value):
+        parse_sentinel_url(value)
+    return value
 
 
 def _vllm_venv(value: str | None) -> Path | None:

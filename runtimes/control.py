@@ -95,6 +95,8 @@ class ControlPlane:
         # Each model's arrival buckets, read from the registry as they fill (runtimes.keepalive).
         self.history = ArrivalHistory(bucket_seconds=ARRIVAL_BUCKET_SECONDS)
         self._history_read_to: int | None = None
+        # The tick lock this process took and could not give back (Redis went away mid-tick).
+        self._unreleased_tick_lock: redis.lock.Lock | None = None
         self.sleep_after_seconds = sleep_after_seconds
         self.scale_out_waiting = scale_out_waiting
         self.min_lifetime = min_lifetime
@@ -453,8 +455,10 @@ class ControlPlane:
 
     def tick(self, lock_seconds: float = 60.0) -> list[dict] | None:
         """One pass of the loop; None when another tick holds the lock."""
+        self._release_unreleased_tick_lock()
+        # Not thread-local: a later tick, in another thread, may have to release it.
         lock = self.redis.lock(self.registry.key("lock", "tick"), timeout=lock_seconds,
-                               blocking=False)
+                               blocking=False, thread_local=False)
         if not lock.acquire():
             return None
         try:
@@ -478,6 +482,22 @@ class ControlPlane:
                 lock.release()
             except redis.exceptions.LockError:
                 log.warning("tick outlived its lock (%.0f s)", lock_seconds)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting or failing over: the lock key may live on (AOF, a replica).
+                # The next tick gives it back, so ticks do not skip until its timeout.
+                log.warning("tick lock not released, will retry: %s", exc)
+                self._unreleased_tick_lock = lock
+
+    def _release_unreleased_tick_lock(self) -> None:
+        lock, self._unreleased_tick_lock = self._unreleased_tick_lock, None
+        if lock is None:
+            return
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass  # it expired meanwhile (and another tick may hold the key now)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._unreleased_tick_lock = lock
 
     def _reserve_for(self, action: Action, victim: RuntimeRecord | None) -> None:
         if action.evicted_for and victim is not None and victim.gpus:

@@ -17,19 +17,10 @@ from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
 from runtimes.downloads import DownloadConfig
 from runtimes.inventory import gpu_memory, gpus_by_host, load_inventory
+from runtimes.redis_client import make_redis
 from runtimes.registry import RuntimeRegistry
 from runtimes.storage import GB, default_prime_budget
 from runtimes.weights import ModelWeights, WeightsConfig
-
-
-def make_redis(settings: Settings) -> redis.Redis:
-    # A blocking pool: when every connection is busy (hundreds of batch lines or streams in one
-    # gevent worker), a caller waits its turn instead of failing with "Too many connections".
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=30,
-        health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool)
 
 
 def make_backend(settings: Settings) -> Backend:

@@ -4,7 +4,9 @@ A lease is a member of a sorted set scored by its expiry. Each process that take
 heartbeat key alive (refreshed every few seconds by a background thread, a greenlet under
 gevent); taking a lease first drops the leases of holders whose heartbeat is gone. So a process
 killed with SIGKILL gives its slots back within seconds, while a lease held by a live process
-for a long call (a slow engine answer) stays until it is released or its own expiry.
+for a long call (a slow engine answer) stays until it is released or its own expiry. A release
+that finds Redis away (restarting, or failing over to a replica) is done again on the next
+heartbeat, so the slot comes back seconds after Redis does, not at the lease's expiry.
 Used for per-key concurrency limits and for the batch admission cap per model.
 """
 
@@ -91,6 +93,9 @@ class LeaseSet:
         self._refresh = client.register_script(_REFRESH)
         self._heartbeat_prefix = f"{prefix}:holder:"
         self._beating_pid: int | None = None
+        # Releases that failed, to do again on the next heartbeat: (name, lease ids).
+        self._unreleased: list[tuple[str, tuple[str, ...]]] = []
+        self._unreleased_lock = threading.Lock()
 
     @property
     def holder(self) -> str:
@@ -113,8 +118,21 @@ class LeaseSet:
         return leases[:int(granted)]
 
     def release(self, name: str, *leases: str) -> None:
-        if leases:
+        """Give `leases` back; when Redis cannot be reached, on a later heartbeat."""
+        if not leases:
+            return
+        try:
             self.redis.zrem(f"{self.prefix}:{name}", *leases)
+        except redis.RedisError as exc:
+            log.warning("lease release failed, will retry: %s", exc)
+            with self._unreleased_lock:
+                self._unreleased.append((name, leases))
+
+    def _release_again(self) -> None:
+        with self._unreleased_lock:
+            pending, self._unreleased = self._unreleased, []
+        for name, leases in pending:
+            self.release(name, *leases)
 
     def refresh(self, name: str, leases: list[str],
                 waiting: bool = False) -> tuple[int, set[str], int]:
@@ -154,3 +172,5 @@ class LeaseSet:
                 self._beat()
             except redis.RedisError as exc:
                 log.warning("lease heartbeat failed, will retry: %s", exc)
+                continue
+            self._release_again()

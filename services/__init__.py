@@ -30,7 +30,8 @@ from jobs.store import JobStore
 from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
 from runtimes.engine_requests import check_engine_body
-from runtimes.factory import build_control_plane, make_redis
+from runtimes.factory import build_control_plane
+from runtimes.redis_client import make_redis
 from runtimes.registry import RuntimeRegistry
 from runtimes.routing import RuntimeRouter
 from runtimes.starts import start_requester

@@ -12,6 +12,7 @@ from celery import Celery
 from config.settings import Settings
 from services import Services
 from tasks.periodic_logs import quiet_periodic_task_lines
+from tasks.sentinel_transport import use_safe_sentinel_transport
 
 
 class GatewayCelery(Celery):
@@ -19,13 +20,23 @@ class GatewayCelery(Celery):
         super().__init__("llm-gateway")
         self.services = services
         self.config_from_object("celeryconfig")
+        broker_options = {**self.conf.broker_transport_options,
+                          "visibility_timeout": settings.celery_visibility_timeout}
+        url, backend_options = settings.redis_url, {}
+        if settings.redis_sentinel is not None:
+            # kombu's and Celery's sentinel transports: they ask the Sentinels for the master
+            # named here, and again after a connection to it fails.
+            url = settings.redis_sentinel.celery_url()
+            use_safe_sentinel_transport()
+            sentinel_options = {"master_name": settings.redis_sentinel_master,
+                                "sentinel_kwargs": {"socket_timeout": 1.0}}
+            broker_options.update(sentinel_options)
+            backend_options = dict(sentinel_options)
         self.conf.update(
-            broker_url=settings.redis_url,
-            result_backend=settings.redis_url,
-            broker_transport_options={
-                **self.conf.broker_transport_options,
-                "visibility_timeout": settings.celery_visibility_timeout,
-            },
+            broker_url=url,
+            result_backend=url,
+            broker_transport_options=broker_options,
+            result_backend_transport_options=backend_options,
         )
         schedule = self.conf.beat_schedule
         schedule["batch-sweep"]["schedule"] = settings.batch_sweep_seconds

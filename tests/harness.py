@@ -1,6 +1,7 @@
 """Real processes for the tests: a private Redis, and the orchestrator's web and control worker.
 
-Nothing here is mocked: `RedisServer` runs redis-server on a free loopback port, `Stack` runs
+Nothing here is mocked: `RedisServer` runs redis-server on a free loopback port (a primary, or a
+replica of one), `RedisSentinel` a Sentinel watching it, `Stack` runs
 gunicorn (gevent) and a Celery worker with embedded beat exactly as `make run` does, and engines
 are real `runtimes.sim` processes started by the control plane. Every process is started in its
 own group and killed with its group at the end, engines included.
@@ -107,40 +108,95 @@ def ensure_dockerd(log_dir: Path) -> None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, appendonly: bool = False):
+    def __init__(self, workdir: Path, appendonly: bool = False, replica_of: int | None = None):
         self.port = free_port()
         self.workdir = workdir
         self.appendonly = appendonly
+        self.replica_of = replica_of  # the loopback port of the primary this one replicates
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self) -> RedisServer:
+    def argv(self) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        if self.replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        return argv
+
+    def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--save", "", "--appendonly", "yes" if self.appendonly else "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         wait_for(self._pong, 10, what="redis-server")
         return self
 
     def _pong(self) -> bool:
+        return self.command(b"PING").startswith(b"+PONG")
+
+    def command(self, line: bytes) -> bytes:
+        """One inline command's raw reply (its first 4 kB), b"" when nothing answers."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(line + b"\r\n")
+                return sock.recv(4096)
         except OSError:
-            return False
+            return b""
+
+    def role(self) -> str:
+        """"master" or "slave" as INFO replication says; "" when it does not answer."""
+        for line in self.command(b"INFO replication").decode(errors="replace").splitlines():
+            if line.startswith("role:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies without writing anything, as on a lost machine."""
+        if self.proc is not None:
+            kill_group(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.proc is not None:
             kill_group(self.proc)
+
+
+class RedisSentinel(RedisServer):
+    """A Sentinel (`redis-server <conf> --sentinel`) watching the primary on `primary_port` as
+    `master`, with the quick timeouts a test wants: the primary is "down" after `down_after_ms`
+    and a failover is retried after `failover_timeout_ms`."""
+
+    def __init__(self, workdir: Path, primary_port: int, master: str = "mymaster",
+                 quorum: int = 2, down_after_ms: int = 1000, failover_timeout_ms: int = 5000):
+        super().__init__(workdir)
+        self.master = master
+        self.config = (f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
+                       f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n"
+                       f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+                       f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
+                       f"sentinel parallel-syncs {master} 1\n")
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        # Sentinel rewrites its configuration file: it must be a file of its own.
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(self.config)
+        return [super().argv()[0], str(conf), "--sentinel"]
+
+    def master_port(self) -> int | None:
+        """The port of the master this Sentinel names now."""
+        reply = self.command(f"SENTINEL get-master-addr-by-name {self.master}".encode())
+        parts = reply.split(b"\r\n")
+        # *2 / $9 / 127.0.0.1 / $4 / 6380
+        return int(parts[4]) if len(parts) > 4 and parts[4].isdigit() else None
 
 
 class Stack:

@@ -1,8 +1,9 @@
 """The one error envelope of the API, shaped like OpenAI's.
 
 Every error a client sees is `{"error": {"message", "type", "code", "param"}}` with a fitting
-status: views raise `APIError`, Werkzeug's `HTTPException`s are translated, and anything
-unexpected becomes a 500 whose trace goes to the log, never to the client.
+status: views raise `APIError`, Werkzeug's `HTTPException`s are translated, a Redis or broker
+that cannot be reached (down, or failing over to a replica) is a 503 with `Retry-After`, and
+anything else unexpected becomes a 500 whose trace goes to the log, never to the client.
 
 The one exception is Anthropic's Messages API (`/v1/messages...`), whose clients read Anthropic's
 shape, `{"type": "error", "error": {"type", "message"}}`: the same errors are written that way
@@ -14,12 +15,18 @@ from __future__ import annotations
 import json
 import logging
 
+import redis
 from flask import Flask, Response, request
+from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from runtimes.engine_errors import engine_error, error_fields
 
 log = logging.getLogger(__name__)
+
+# Seconds a client is asked to wait when Redis is unreachable: Sentinel promotes a replica in a
+# few seconds (down-after-milliseconds plus the election).
+STORE_RETRY_AFTER = 2
 
 # Status → (type, code) for errors that Werkzeug raises on its own.
 _HTTP_DEFAULTS = {
@@ -117,6 +124,23 @@ def register_error_handlers(app: Flask) -> None:
         elif status == 404:
             message = f"Unknown path: {request.method} {request.path}"
         return error_response(APIError(status, message, type=type_, code=code))
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    @app.errorhandler(OperationalError)
+    def _store_unavailable(error: Exception):
+        # No trace: the cause is outside this process, and the next request may well succeed.
+        log.warning("store unavailable on %s %s: %s", request.method, request.path,
+                    type(error).__name__)
+        return error_response(
+            APIError(
+                503,
+                "The gateway's store is unavailable for a moment; retry shortly.",
+                type="server_error",
+                code="store_unavailable",
+                headers={"Retry-After": str(STORE_RETRY_AFTER)},
+            )
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

@@ -5,12 +5,14 @@ starts, sleep and wake, drain and stop on idle, adoption, and the state table.""
 from __future__ import annotations
 
 import pytest
+import redis as redis_lib
 
 from runtimes.backends.base import Backend, Observed, Started
 from runtimes.catalog import ModelCatalog
 from runtimes.control import ControlPlane
 from runtimes.policy import MAX_FAILED_STARTS
 from runtimes.registry import READY, SLEEPING, RuntimeRegistry
+from tests.harness import RedisServer
 
 
 class Clock:
@@ -216,3 +218,38 @@ def test_the_registry_refuses_moves_outside_its_table(plane):
     assert registry.get(record.id).state == "draining"
     assert registry.transition(record.id, None, state="stopping").state == "stopping"
     assert registry.transition(record.id, None, state="sleeping") is None
+
+
+class RedisGoesAwayBackend(FakeBackend):
+    """A backend whose next list() (inside a tick) finds Redis stopping under it."""
+
+    def __init__(self, server):
+        super().__init__()
+        self.server, self.stop_redis = server, False
+
+    def list(self):
+        if self.stop_redis:
+            self.stop_redis = False
+            self.server.stop()  # SIGTERM: the AOF keeps the tick's lock, as a replica would
+        return super().list()
+
+
+def test_a_tick_lock_left_by_redis_going_away_is_given_back_by_the_next_tick(tmp_path):
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        client = redis_lib.Redis.from_url(f"{server.url}/0", socket_connect_timeout=1)
+        backend = RedisGoesAwayBackend(server)
+        catalog = ModelCatalog.from_document({"models": [{"id": "m/a", "gpus": 0}]}, "sim")
+        clock = Clock(1_000_000_000.0)
+        control = ControlPlane(catalog, RuntimeRegistry(client, "t"), backend, clock=clock,
+                               pause=clock.pause, engines=lambda spec: FakeEngine(backend))
+        assert control.tick() == []
+        backend.stop_redis = True
+        with pytest.raises(redis_lib.ConnectionError):
+            control.tick()
+        server.start()  # same port, same AOF: the lock key is back, with its 60 s to run
+        assert client.exists("t:lock:tick")
+        assert control.tick() == []  # not None: the lock was given back and taken again
+        assert not client.exists("t:lock:tick")
+    finally:
+        server.stop()
