@@ -189,7 +189,7 @@ def test_a_bad_file_fails_validation_with_line_numbers(stack):
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"endpoint": "/v1/embeddings", "completion_window": "24h"}, "endpoint"),
+    ({"endpoint": "/v1/moderations", "completion_window": "24h"}, "endpoint"),
     ({"endpoint": "/v1/completions", "completion_window": "1h"}, "completion_window"),
 ])
 def test_bad_batch_parameters_are_400(stack, kwargs, param):
