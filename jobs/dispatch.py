@@ -56,7 +56,8 @@ class Dispatcher:
                  limits: BatchLimits, kinds: dict[str, JobKind],
                  close_chunk: Callable[[dict | None, int], None],
                  connect_timeout: float = 5.0, read_timeout: float = 600.0,
-                 on_line: Callable[[str, bool], None] | None = None):
+                 on_line: Callable[[str, bool], None] | None = None,
+                 on_usage: Callable[[dict, list[LineResult]], None] | None = None):
         self.jobs = jobs
         self.catalog = catalog
         self.router = router
@@ -64,6 +65,10 @@ class Dispatcher:
         self.kinds = kinds
         self.close_chunk = close_chunk
         self.on_line = on_line
+        # Told the lines stored here for the first time, with their job's owner, project and
+        # kind: their usage is counted once (services.usage_ledger), however often they ran.
+        self.on_usage = on_usage
+        self._owners: dict[str, dict] = {}
         # A line for a LoRA adapter runs on an engine of its base, which loads it on first use.
         self.adapters = AdapterLoader(router.registry, timeout=read_timeout)
         self.admission = AdmissionGate(
@@ -85,6 +90,7 @@ class Dispatcher:
             self.close_chunk(job, first)
             return None
         kind = self.kinds[job["kind"]]
+        self._owners[job_id] = {name: job.get(name) for name in ("owner", "project", "kind")}
         lines = kind.lines(job, first, end, offset)
         done = self.jobs.done_lines(job_id, [n for n, _ in lines])
         todo = [(n, line) for n, line in lines if n not in done]
@@ -124,6 +130,7 @@ class Dispatcher:
                     self._writers[job_id] = (writer, users)
                 else:
                     del self._writers[job_id]
+                    self._owners.pop(job_id, None)
 
     def _dispatch(self, job: dict, kind: JobKind, items: list[tuple[int, dict]],
                   writer: LineWriter[LineResult]) -> list[int | None]:
@@ -200,6 +207,10 @@ class Dispatcher:
 
     def _store(self, job_id: str, results: list[LineResult]) -> None:
         stored = self.jobs.record_lines(job_id, results)
+        if self.on_usage is not None and job_id in self._owners:
+            fresh = [result for result, new in zip(results, stored, strict=True) if new]
+            if fresh:
+                self.on_usage(self._owners[job_id], fresh)
         if self.on_line is not None:
             for result, fresh in zip(results, stored, strict=True):
                 if fresh and result.models:

@@ -17,6 +17,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
@@ -229,8 +230,10 @@ class RuntimeRegistry:
         arrivals: dict[str, int],
         now: float | None = None,
         served: dict[str, float] | None = None,
+        extra: Callable[[object], None] | None = None,
     ) -> None:
-        """One web worker's use since its last report, written in one round trip.
+        """One web worker's use since its last report, written in one round trip (with what
+        `extra(pipe)` adds to it: the calls' token usage).
 
         `served` (model -> when it last answered a call) ends the demand noted before then: a
         cold call answered 503 from a route cache a moment stale must not keep the model
@@ -253,6 +256,8 @@ class RuntimeRegistry:
             args = [v for model, at in served.items() for v in (model, f"{at:.3f}")]
             self._clear_served_demand(keys=[self.key("demand"), self.key("demand_since")],
                                       args=args, client=pipe)
+        if extra is not None:
+            extra(pipe)
         pipe.execute()
 
     def last_used(self) -> dict[str, float]:

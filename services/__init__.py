@@ -10,6 +10,7 @@ hand a list.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,7 @@ from runtimes.starts import start_requester
 from runtimes.weights import ModelWeights
 from services import metrics
 from services.timeseries import SeriesRecorder
+from services.usage_ledger import UsageLedger, line_counts
 
 
 class TaskQueue(JobQueue, Protocol):
@@ -68,9 +70,21 @@ class Services:
     eval_store: EvalStore
     evals: EvalService
     series: SeriesRecorder
+    usage: UsageLedger
     queue: TaskQueue
     # Asks for a start of a model, once until that start is done (runtimes.starts).
     request_start: Callable[..., None]
+
+
+def _count_line_usage(ledger: UsageLedger):
+    """The dispatcher's `on_usage`: lines stored for the first time, counted once."""
+
+    def count(owner: dict, results) -> None:
+        counts = line_counts(owner, results)
+        ledger.add(counts, time.time())
+        metrics.tokens_counted(counts)
+
+    return count
 
 
 def batch_limits(settings: Settings) -> BatchLimits:
@@ -90,6 +104,7 @@ def build_services(settings: Settings, queue: TaskQueue,
     client = client or make_redis(settings)
     jobs = JobStore(client)
     series = SeriesRecorder(client)
+    usage = UsageLedger(client)
     registry = RuntimeRegistry(client)
     # The tick asks for starts the same deduplicated way a cold call does.
     request_start = start_requester(registry, queue.send_start)
@@ -110,7 +125,8 @@ def build_services(settings: Settings, queue: TaskQueue,
                              check_engine_body)
     dispatch = Dispatcher(jobs, control.catalog, router, limits, kinds, lifecycle.close_chunk,
                           settings.upstream_connect_timeout, settings.upstream_read_timeout,
-                          on_line=metrics.batch_line_finished)
+                          on_line=metrics.batch_line_finished,
+                          on_usage=_count_line_usage(usage))
     eval_store = EvalStore(client)
     evals = EvalService(eval_store, jobs, files, items_dir, limits, queue)
     adopt_unprojected(jobs, eval_store)
@@ -118,5 +134,5 @@ def build_services(settings: Settings, queue: TaskQueue,
         settings=settings, redis=client, catalog=control.catalog, registry=control.registry,
         control=control, weights=control.weights, router=router, files=files, jobs=jobs,
         lifecycle=lifecycle, dispatch=dispatch, eval_store=eval_store, evals=evals,
-        series=series, queue=queue, request_start=request_start,
+        series=series, usage=usage, queue=queue, request_start=request_start,
     )

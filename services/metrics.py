@@ -67,6 +67,21 @@ def child(metric, *labels):
     return found
 
 
+TOKENS = Counter(
+    "gateway_tokens",
+    "Tokens the engines reported, by key name (never the token), model, kind (realtime, "
+    "batch, eval) and type (prompt, completion).",
+    ["key", "model", "kind", "type"], registry=LOCAL)
+
+
+def tokens_counted(counts) -> None:
+    """Count `counts` ({UsageKey: [requests, prompt, completion]}) in gateway_tokens."""
+    for usage_key, (_, prompt, completion) in counts.items():
+        for kind, value in (("prompt", prompt), ("completion", completion)):
+            if value:
+                child(TOKENS, usage_key.key, usage_key.model, usage_key.kind, kind).inc(value)
+
+
 def batch_line_finished(model: str, ok: bool) -> None:
     child(BATCH_LINES, model, "completed" if ok else "failed").inc()
 

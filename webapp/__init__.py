@@ -55,7 +55,8 @@ def build_gateway(services: Services, broker_options: dict) -> Gateway:
         limiter=KeyLimiter(services.redis),
         # The usage reporter also samples the queue depths for the dashboard's charts.
         usage=UsageTracker(services.registry, services.series,
-                           sample_queues=lambda: overview.queue_sample(services.jobs, broker)),
+                           sample_queues=lambda: overview.queue_sample(services.jobs, broker),
+                           ledger=services.usage),
         engine_client=EngineClient(
             settings.upstream_pool_size,
             settings.upstream_connect_timeout,
@@ -81,10 +82,11 @@ def register_blueprints(app: Flask) -> None:
         messages,
         models,
         realtime,
+        usage_api,
     )
 
     for module in (health, docs, realtime, engine_api, messages, batch, files, batches, evals,
-                   dashboard, models):
+                   dashboard, models, usage_api):
         app.register_blueprint(module.bp)
 
 

@@ -22,12 +22,14 @@ from runtimes.engine_requests import CHAT_COMPLETION, COMPLETION
 from runtimes.lora import AdapterLoadError
 from runtimes.registry import READY, RuntimeRecord
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
+from services.usage_ledger import UsageKey
 from webapp import coldstart
 from webapp.apidoc import accepts, documented
 from webapp.auth import admit, check_model_allowed, require_scope
 from webapp.context import Gateway, gateway, services
 from webapp.errors import APIError
 from webapp.jsonbody import parse_json_object, read_request_body
+from webapp.metering import USAGE_OPTION_PATHS, Meter, ask_for_usage
 from webapp.metrics import StreamTimer
 from webapp.relay import engine_failure, read_body, relay_stream
 from webapp.schemas import validate_body
@@ -72,7 +74,10 @@ def forward(schema, path: str, kind: str | None = GENERATE, priority: bool = Tru
     spec, adapter = model_spec(body["model"])
     if kind is not None:  # None: any model (tokenize)
         check_kind(spec, kind, body["model"])
-    if priority and set_engine_priority(spec, body, REALTIME):  # most urgent, whatever was asked
+    changed = priority and set_engine_priority(spec, body, REALTIME)  # most urgent, always
+    stream = bool(body.get("stream"))
+    strip_usage = stream and path in USAGE_OPTION_PATHS and ask_for_usage(body)
+    if changed or strip_usage:
         raw = json.dumps(body, separators=(",", ":")).encode()
     g.model = body["model"]  # the model label of this call's metrics (webapp.metrics)
     key = g.api_key
@@ -80,8 +85,9 @@ def forward(schema, path: str, kind: str | None = GENERATE, priority: bool = Tru
     release_lease = admit(key)
     request_id = g.request_id  # webapp.request_id: the caller's or a new one
     gw.usage.arrived(spec.id)  # an adapter's demand is its base's
-    call = _Call(spec, adapter, path, raw, request_id, bool(body.get("stream")), watch,
-                 error_shape)
+    meter = Meter(gw.usage, UsageKey(key.name, key.project, body["model"], "realtime"),
+                  strip_usage)
+    call = _Call(spec, adapter, path, raw, request_id, stream, watch, error_shape, meter)
     try:
         return _send(gw, call, release_lease)
     except BaseException:
@@ -100,6 +106,7 @@ class _Call:
     stream: bool
     watch: Callable[[RuntimeRecord, bytes], None] | None
     error_shape: Callable[[int, bytes], bytes]
+    meter: Meter
 
 
 def _pick(gw: Gateway, call: _Call) -> RuntimeRecord:
@@ -171,6 +178,7 @@ def _send(gw: Gateway, call: _Call, release_lease) -> Response:
             usage.end(record.id)
             if release_lease is not None:
                 release_lease()
+        call.meter.whole(data if upstream.status < 400 else b"")
         if upstream.status == 200 and call.watch is not None:
             call.watch(record, data)
         return _whole(call, upstream.status, data,
@@ -185,7 +193,8 @@ def _send(gw: Gateway, call: _Call, release_lease) -> Response:
             release_lease()
         timer.end(outcome)
 
-    chunks = relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end, timer.first)
+    chunks = call.meter.stream(
+        relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end, timer.first))
     if call.watch is not None:
         chunks = _watched(chunks, record, call.watch)
     headers = {"X-Request-Id": call.request_id, "Cache-Control": "no-cache",

@@ -17,7 +17,9 @@ from collections.abc import Callable
 import redis
 
 from runtimes.registry import RuntimeRegistry
+from services.metrics import tokens_counted
 from services.timeseries import SeriesRecorder
+from services.usage_ledger import UsageKey, UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,10 @@ class UsageTracker:
 
     def __init__(self, registry: RuntimeRegistry, series: SeriesRecorder | None = None,
                  sample_queues: Callable[[], dict[str, int]] | None = None,
-                 interval: float = 1.0):
+                 interval: float = 1.0, ledger: UsageLedger | None = None):
         self.registry = registry
+        self.ledger = ledger
+        self._tokens: dict[UsageKey, list[int]] = {}
         self.series = series
         self.sample_queues = sample_queues
         self.interval = interval
@@ -62,6 +66,15 @@ class UsageTracker:
         self._last_used[instance_id] = time.time()
         self._changed.add(instance_id)
 
+    def count(self, usage_key: UsageKey, prompt: int, completion: int) -> None:
+        """One call's usage, written with the next report (services.usage_ledger)."""
+        figures = self._tokens.get(usage_key)
+        if figures is None:
+            figures = self._tokens[usage_key] = [0, 0, 0]
+        figures[0] += 1
+        figures[1] += prompt
+        figures[2] += completion
+
     def start(self) -> None:
         """Start reporting now (gunicorn's post_worker_init), not with the first call."""
         self._ensure_reporter()
@@ -79,14 +92,24 @@ class UsageTracker:
         arrivals, self._arrivals = self._arrivals, {}
         served, self._served = self._served, {}
         changed, self._changed = self._changed, set()
+        tokens, self._tokens = self._tokens, {}
         inflight = {i: self.inflight.get(i, 0) for i in changed | {
             i for i, n in self.inflight.items() if n > 0
         }}
+        ledger = self.ledger
         try:
-            self.registry.report_usage(self.worker_id, last_used, inflight, arrivals,
-                                       served=served)
+            self.registry.report_usage(
+                self.worker_id, last_used, inflight, arrivals, served=served,
+                extra=(lambda pipe: ledger.write(pipe, tokens, time.time()))
+                if ledger is not None and tokens else None)
+            if tokens:
+                tokens_counted(tokens)
         except redis.RedisError as exc:
             log.warning("usage report failed, will retry: %s", exc)
+            for usage_key, figures in tokens.items():
+                kept = self._tokens.setdefault(usage_key, [0, 0, 0])
+                for index, value in enumerate(figures):
+                    kept[index] += value
             for model, count in arrivals.items():
                 self._arrivals[model] = self._arrivals.get(model, 0) + count
             for instance_id, at in last_used.items():
