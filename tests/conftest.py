@@ -29,6 +29,8 @@ TOKENS = {
     "rpm": "test-rpm-token",
     "conc": "test-concurrency-token",
     "batch2": "test-second-batch-token",
+    "usage": "test-usage-token",
+    "usage_batch": "test-usage-batch-token",
 }
 # Keys of a second project ("other"), one per scope: they must never see project default's data.
 OTHER_TOKENS = {scope: f"other-project-{scope}-token"
@@ -50,6 +52,10 @@ def keys_document() -> dict:
         {"name": "test-conc", "token": TOKENS["conc"], "scopes": ["realtime"],
          "max_concurrency": 1},
         {"name": "test-batch2", "token": TOKENS["batch2"], "scopes": ["batch"]},
+        # Keys of tests/webapp/test_usage_api.py alone, so that their usage is all theirs.
+        {"name": "test-usage", "token": TOKENS["usage"], "scopes": ["realtime"]},
+        {"name": "test-usage-batch", "token": TOKENS["usage_batch"],
+         "scopes": ["batch", "upload"]},
     ]
     keys += [{"name": f"other-{scope}", "token": token, "scopes": [scope], "project": "other"}
              for scope, token in OTHER_TOKENS.items()]
