@@ -67,3 +67,14 @@ def test_a_line_stored_twice_is_counted_once(redis_db, tmp_path):
     service._store(job_id, [line])
     service._store(job_id, [line])  # the line ran again (a redelivered chunk): stored once
     assert counted == [{UsageKey("dave", "p9", "m", "batch"): [1, 6, 2]}]
+
+
+def test_an_eval_sample_counts_its_sample_and_judge_calls_by_model():
+    owner = {"owner": "erin", "project": "p3", "kind": "eval_run"}
+    sample = LineResult(1, ["m"], True, {"id": "outputitem_1"}, {
+        "usage:m:invocation_count": 1, "usage:m:prompt_tokens": 12,
+        "usage:m:completion_tokens": 4, "usage:judge:invocation_count": 2,
+        "usage:judge:prompt_tokens": 40, "usage:judge:completion_tokens": 2, "passed": 1})
+    assert line_counts(owner, [sample]) == {
+        UsageKey("erin", "p3", "m", "eval"): [1, 12, 4],
+        UsageKey("erin", "p3", "judge", "eval"): [2, 40, 2]}
