@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from jobs.admission import AdmissionGate
+from jobs.budget_windows import over_daily
 from jobs.kinds import EngineAnswer, JobKind, JobStopped, Transient, error_line, line_models
 from jobs.limits import BatchLimits
 from jobs.linewriter import LineWriter
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a chunk waits before looking again for its model's engine, or after a transient error.
 REQUEUE_SECONDS = 3.0
+# Seconds a chunk whose owner is over a daily budget waits before it looks again.
+BUDGET_RECHECK_SECONDS = 30.0
 # How long a worker trusts what it read of a job's status and the admission caps: every line
 # checks both, and a cancel need only stop dispatch "quickly", not within a microsecond.
 STATE_CACHE_SECONDS = 0.5
@@ -89,8 +92,11 @@ class Dispatcher:
         if job["status"] not in RUNNING_STATUSES:
             self.close_chunk(job, first)
             return None
+        if self._waits_for_budget(job):
+            return BUDGET_RECHECK_SECONDS
         kind = self.kinds[job["kind"]]
-        self._owners[job_id] = {name: job.get(name) for name in ("owner", "project", "kind")}
+        self._owners[job_id] = {name: job.get(name)
+                                for name in ("owner", "project", "kind", "budgets")}
         lines = kind.lines(job, first, end, offset)
         done = self.jobs.done_lines(job_id, [n for n, _ in lines])
         todo = [(n, line) for n, line in lines if n not in done]
@@ -163,6 +169,14 @@ class Dispatcher:
                 futures.append(pool.submit(run, number, line, lease))
         return ([future.result() for future in futures]
                 + [None] * (len(items) - len(futures)))
+
+    def _waits_for_budget(self, job: dict) -> bool:
+        """Whether the job's owner is over a daily budget: its lines then wait (the job says
+        why in `waiting_reason`) instead of failing; the reason goes once the day frees."""
+        reason = over_daily(self.jobs.redis, job.get("budgets") or [])
+        if reason != job.get("waiting_reason"):
+            self.jobs.update(job["id"], waiting_reason=reason)
+        return reason is not None
 
     def served_by(self, model: str) -> str:
         """The catalog model whose engines serve `model`: itself, or a LoRA adapter's base (its

@@ -68,24 +68,28 @@ class JobLifecycle:
     def create_batch(self, owner: str, input_file_id: str, endpoint: str, window: str,
                      metadata: dict | None, priority: int,
                      allowed_models: list[str] | None = None,
-                     project: str = DEFAULT_PROJECT) -> dict:
-        """A new batch, `validating`; its validation is sent."""
+                     project: str = DEFAULT_PROJECT, budgets: list[dict] | None = None) -> dict:
+        """A new batch, `validating`; its validation is sent. `budgets`: its owner's daily
+        budgets (`jobs.budget_windows`), which its lines count in and wait for."""
         now = int(time.time())
         job_id = self.jobs.create("batch", owner, {
             "status": "validating", "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window, "metadata": metadata, "priority": priority,
             "expires_at": now + WINDOWS[window], "total": 0, "allowed_models": allowed_models,
+            "budgets": budgets or [],
         }, project)
         job = self.jobs.get(job_id)
         self.queue.send_preparation("batch", job_id)
         return job
 
     def create_completion(self, owner: str, endpoint: str, body: dict, priority: int,
-                          project: str = DEFAULT_PROJECT) -> dict:
+                          project: str = DEFAULT_PROJECT,
+                          budgets: list[dict] | None = None) -> dict:
         """A new single completion, `queued`, and its one chunk sent."""
         job_id = self.jobs.create("completion", owner, {
             "status": "queued", "endpoint": endpoint, "body": body, "model": body["model"],
             "priority": priority, "total": 1, "chunks_total": 1, "chunks": [[0, 1, 0]],
+            "budgets": budgets or [],
         }, project)
         self.jobs.add_pending(job_id, {body["model"]: 1})
         job = self.jobs.get(job_id)  # as submitted: a worker may take it the moment it is sent

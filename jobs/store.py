@@ -151,7 +151,7 @@ return 1
 """
 
 JSON_FIELDS = ("metadata", "errors", "body", "response", "error", "allowed_models", "chunks",
-               "data_source", "testing_criteria", "item_schema")
+               "data_source", "testing_criteria", "item_schema", "budgets")
 INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
               "expired_at", "cancelling_at", "cancelled_at", "expires_at", "started_at",
               "finished_at", "total", "completed", "failed", "priority", "chunks_total",

@@ -18,6 +18,7 @@ from typing import Protocol
 import redis
 
 from config.settings import Settings
+from jobs.budget_windows import charge_daily
 from jobs.dispatch import Dispatcher
 from jobs.eval_kind import EvalRunKind
 from jobs.eval_store import EvalStore
@@ -83,6 +84,10 @@ def _count_line_usage(ledger: UsageLedger):
         counts = line_counts(owner, results)
         ledger.add(counts, time.time())
         metrics.tokens_counted(counts)
+        # The owner's daily budgets count batch work too (jobs.budget_windows).
+        charge_daily(ledger.redis, owner.get("budgets") or [],
+                     sum(f[1] + f[2] for f in counts.values()),
+                     sum(f[0] for f in counts.values()))
 
     return count
 

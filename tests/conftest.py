@@ -31,10 +31,16 @@ TOKENS = {
     "batch2": "test-second-batch-token",
     "usage": "test-usage-token",
     "usage_batch": "test-usage-batch-token",
+    "budget": "test-budget-token",
+    "budget_project": "test-budget-project-token",
+    "budget_mixed": "test-budget-mixed-token",
 }
 # Keys of a second project ("other"), one per scope: they must never see project default's data.
 OTHER_TOKENS = {scope: f"other-project-{scope}-token"
                 for scope in ("realtime", "batch", "upload", "eval", "monitor")}
+
+
+BUDGET_TOKENS = 200  # about ten calls of tests/webapp/test_budgets.py
 
 
 def keys_document() -> dict:
@@ -56,10 +62,18 @@ def keys_document() -> dict:
         {"name": "test-usage", "token": TOKENS["usage"], "scopes": ["realtime"]},
         {"name": "test-usage-batch", "token": TOKENS["usage_batch"],
          "scopes": ["batch", "upload"]},
+        # tests/webapp/test_budgets.py: a key's own daily budget, and a project's.
+        {"name": "test-budget", "token": TOKENS["budget"], "scopes": ["realtime", "monitor"],
+         "tokens_per_day": BUDGET_TOKENS, "project": "budgeted"},
+        {"name": "test-budget-project", "token": TOKENS["budget_project"],
+         "scopes": ["realtime", "batch", "upload"], "project": "budgeted-project"},
+        {"name": "test-budget-mixed", "token": TOKENS["budget_mixed"],
+         "scopes": ["realtime", "batch", "upload"], "requests_per_day": 4,
+         "project": "budget-mixed"},
     ]
     keys += [{"name": f"other-{scope}", "token": token, "scopes": [scope], "project": "other"}
              for scope, token in OTHER_TOKENS.items()]
-    return {"keys": keys}
+    return {"keys": keys, "projects": {"budgeted-project": {"requests_per_day": 5}}}
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from runtimes.upstream import EngineClient
 from services import Services
 from tasks.broker import BrokerStats
 from webapp import overview
+from webapp.budgets import BudgetGate
 from webapp.context import EXTENSION, Gateway
 from webapp.errors import register_error_handlers
 from webapp.keystore import KeyStore
@@ -64,6 +65,7 @@ def build_gateway(services: Services, broker_options: dict) -> Gateway:
         ),
         broker=broker,
         adapters=AdapterLoader(services.registry),
+        budgets=BudgetGate(services.redis),
         responses=ResponseOwners(services.redis),
     )
 

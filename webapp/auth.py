@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from flask import g, request
 
-from webapp.context import gateway
+from webapp.budgets import OverBudget, Reservation, estimate_tokens
+from webapp.context import Gateway, gateway
 from webapp.errors import APIError
 from webapp.keystore import ApiKey
 from webapp.limits import LimitExceeded
@@ -119,3 +120,22 @@ def admit(key: ApiKey) -> Callable[[], None] | None:
             limiter.release(key.name, lease)
 
     return release
+
+
+def reserve_budget(gw: Gateway, key: ApiKey, raw: bytes, body: dict) -> Reservation | None:
+    """Reserve the call's estimate in the key's (and its project's) budgets; the 429 when one
+    has no room. None for a key without budgets (no Redis round trip)."""
+    if not key.budgets:
+        return None
+    try:
+        return gw.budgets.reserve(key, estimate_tokens(raw, body))
+    except OverBudget as exc:
+        whose = "this key's" if exc.budget.scope == "key" else f"project {exc.budget.name}'s"
+        raise APIError(
+            429,
+            f"Budget reached: {whose} {exc.figure} of {exc.limit} (this call needs up to "
+            f"{estimate_tokens(raw, body)} tokens).",
+            type="rate_limit_error",
+            code="budget_exceeded",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None

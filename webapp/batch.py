@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flask import Blueprint, g, url_for
 
+from jobs.budget_windows import daily_budgets
 from webapp.apidoc import accepts, documented
 from webapp.arguments import BatchCompletionCreate
 from webapp.auth import check_model_allowed, require_scope
@@ -35,6 +36,7 @@ def job_view(job: dict) -> dict:
         "status_url": url_for("batch.status", job_id=job["id"]),
         "result": job.get("response") if job["status"] == "succeeded" else None,
         "error": job.get("error"),
+        "waiting_reason": job.get("waiting_reason"),  # its owner's daily budget is used up
     }
 
 
@@ -51,7 +53,8 @@ def submit(body: dict):
     check_model_allowed(g.api_key, model)
     endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     job = services().lifecycle.create_completion(
-        g.api_key.name, endpoint, body, priority, g.api_key.project
+        g.api_key.name, endpoint, body, priority, g.api_key.project,
+        daily_budgets(g.api_key.budgets),
     )
     return job_view(job), 202, {"Location": url_for("batch.status", job_id=job["id"])}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from flask import Blueprint, g
 
+from jobs.budget_windows import daily_budgets
 from jobs.tenancy import UnknownCursor
 from webapp.apidoc import PageQuery, accepts, documented
 from webapp.arguments import BatchCreate
@@ -56,6 +57,7 @@ def create(body: dict):
     batch = services().lifecycle.create_batch(
         key.name, stored.id, body["endpoint"], body["completion_window"], body.get("metadata"),
         body["priority"], sorted(key.models) if key.models is not None else None, key.project,
+        daily_budgets(key.budgets),
     )
     return batch_object(batch)
 

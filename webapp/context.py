@@ -14,6 +14,7 @@ from runtimes.lora import AdapterLoader
 from runtimes.upstream import EngineClient
 from services import Services
 from tasks.broker import BrokerStats
+from webapp.budgets import BudgetGate
 from webapp.keystore import KeyStore
 from webapp.limits import KeyLimiter
 from webapp.response_owners import ResponseOwners
@@ -31,6 +32,7 @@ class Gateway:
     engine_client: EngineClient
     broker: BrokerStats
     adapters: AdapterLoader
+    budgets: BudgetGate
     responses: ResponseOwners
 
 

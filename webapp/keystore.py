@@ -3,8 +3,11 @@
 The file (`AUTH_KEYS_FILE`) is `{"keys": [{...}, ...]}`; an entry has a `name`, either the
 `token` itself or its `sha256` (so the file need not hold secrets), `scopes`, and optionally a
 `project` (default `default`: the tenant whose files, jobs and evals the key shares), a `models`
-allowlist, `requests_per_minute` and `max_concurrency`. Keys are looked up by the
-sha256 of the presented token, so a token is never kept or compared in the clear.
+allowlist, `requests_per_minute` and `max_concurrency`, and budgets: `tokens_per_minute`,
+`tokens_per_day`, `requests_per_day` (`webapp.budgets`). A project may have budgets of its own,
+shared by its keys: `{"keys": [...], "projects": {"name": {"tokens_per_day": N, ...}}}`. Keys are
+looked up by the sha256 of the presented token, so a token is never kept or compared in the
+clear.
 
 A file that is not valid JSON or has a bad entry stops start-up with a `KeysFileError` naming
 the entry. After start-up, a changed file (or SIGHUP) is re-read; a bad edit is logged and the
@@ -35,6 +38,20 @@ class KeysFileError(ValueError):
     """The keys file cannot be used; the message names the file and the entry."""
 
 
+BUDGET_FIELDS = ("tokens_per_minute", "tokens_per_day", "requests_per_day")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budgets of a key or a project (`scope`), by `name`; None: no such budget."""
+
+    scope: str
+    name: str
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    requests_per_day: int | None = None
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
@@ -43,6 +60,7 @@ class ApiKey:
     models: frozenset[str] | None = None
     requests_per_minute: int | None = None
     max_concurrency: int | None = None
+    budgets: tuple[Budget, ...] = ()  # its own, then its project's
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -68,12 +86,46 @@ class _KeySchema(Schema):
     models = fields.List(fields.String(), load_default=None)
     requests_per_minute = fields.Integer(load_default=None, validate=validate.Range(min=1))
     max_concurrency = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    tokens_per_minute = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    tokens_per_day = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    requests_per_day = fields.Integer(load_default=None, validate=validate.Range(min=1))
     note = fields.String()
 
     @validates_schema
     def _one_secret(self, data, **_):
         if ("token" in data) == ("sha256" in data):
             raise ValidationError("give exactly one of token or sha256", "token")
+
+
+class _ProjectSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    tokens_per_minute = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    tokens_per_day = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    requests_per_day = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    note = fields.String()
+
+
+def _project_budgets(document, source: str) -> dict[str, Budget]:
+    projects = document.get("projects", {})
+    if not isinstance(projects, dict):
+        raise KeysFileError(f'keys file {source}: "projects" must be an object')
+    budgets = {}
+    for name, raw in projects.items():
+        try:
+            entry = _ProjectSchema().load(raw if isinstance(raw, dict) else {"_": raw})
+        except ValidationError as exc:
+            raise KeysFileError(f"keys file {source}: project {name!r}: {exc.messages}") from None
+        budgets[name] = Budget("project", name, *(entry[f] for f in BUDGET_FIELDS))
+    return budgets
+
+
+def _budgets(entry: dict, projects: dict[str, Budget]) -> tuple[Budget, ...]:
+    own = () if all(entry[f] is None for f in BUDGET_FIELDS) else (
+        Budget("key", entry["name"], *(entry[f] for f in BUDGET_FIELDS)),)
+    project = projects.get(entry["project"])
+    return own + ((project,) if project is not None else ())
 
 
 def token_digest(token: str) -> str:
@@ -84,6 +136,7 @@ def parse_keys(document, source: str) -> dict[str, ApiKey]:
     """Validate a keys document; return the keys by token digest."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise KeysFileError(f'keys file {source}: expected {{"keys": [...]}}')
+    projects = _project_budgets(document, source)
     keys: dict[str, ApiKey] = {}
     names: set[str] = set()
     for index, raw in enumerate(document["keys"]):
@@ -109,6 +162,7 @@ def parse_keys(document, source: str) -> dict[str, ApiKey]:
             models=frozenset(entry["models"]) if entry["models"] is not None else None,
             requests_per_minute=entry["requests_per_minute"],
             max_concurrency=entry["max_concurrency"],
+            budgets=_budgets(entry, projects),
         )
     return keys
 

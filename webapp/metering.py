@@ -13,7 +13,7 @@ about once a second: no Redis round trip per call.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from services.usage_ledger import UsageKey, usage_in
 from webapp.usage import UsageTracker
@@ -37,16 +37,18 @@ def ask_for_usage(body: dict) -> bool:
 
 
 class Meter:
-    def __init__(self, tracker: UsageTracker, usage_key: UsageKey, strip: bool):
+    def __init__(self, tracker: UsageTracker, usage_key: UsageKey, strip: bool,
+                 on_done: Callable[[int], None] | None = None):
         self.tracker = tracker
         self.usage_key = usage_key
         self.strip = strip
+        self.on_done = on_done  # told the tokens used (a budget reservation's settlement)
         self.prompt: int | None = None
         self.completion: int | None = None
 
     def whole(self, data: bytes) -> None:
-        tokens = usage_in(data)
-        self.tracker.count(self.usage_key, *(tokens or (0, 0)))
+        prompt, completion = usage_in(data) or (0, 0)
+        self._done(prompt, completion)
 
     def stream(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """Relay `chunks`, noting the usage they carry (and taking out the usage event the
@@ -57,7 +59,12 @@ class Meter:
                     chunk = self._read(chunk)
                 yield chunk
         finally:
-            self.tracker.count(self.usage_key, self.prompt or 0, self.completion or 0)
+            self._done(self.prompt or 0, self.completion or 0)
+
+    def _done(self, prompt: int, completion: int) -> None:
+        self.tracker.count(self.usage_key, prompt, completion)
+        if self.on_done is not None:
+            self.on_done(prompt + completion)
 
     def _read(self, chunk: bytes) -> bytes:
         events = chunk.split(b"\n\n")

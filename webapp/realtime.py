@@ -25,7 +25,7 @@ from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
 from services.usage_ledger import UsageKey
 from webapp import coldstart
 from webapp.apidoc import accepts, documented
-from webapp.auth import admit, check_model_allowed, require_scope
+from webapp.auth import admit, check_model_allowed, require_scope, reserve_budget
 from webapp.context import Gateway, gateway, services
 from webapp.errors import APIError
 from webapp.jsonbody import parse_json_object, read_request_body
@@ -83,16 +83,24 @@ def forward(schema, path: str, kind: str | None = GENERATE, priority: bool = Tru
     key = g.api_key
     check_model_allowed(key, body["model"])
     release_lease = admit(key)
+    try:
+        reservation = reserve_budget(gw, key, raw, body)
+    except BaseException:
+        if release_lease is not None:
+            release_lease()
+        raise
     request_id = g.request_id  # webapp.request_id: the caller's or a new one
     gw.usage.arrived(spec.id)  # an adapter's demand is its base's
     meter = Meter(gw.usage, UsageKey(key.name, key.project, body["model"], "realtime"),
-                  strip_usage)
+                  strip_usage, reservation.settle if reservation is not None else None)
     call = _Call(spec, adapter, path, raw, request_id, stream, watch, error_shape, meter)
     try:
         return _send(gw, call, release_lease)
     except BaseException:
         if release_lease is not None:
             release_lease()
+        if reservation is not None:
+            reservation.settle(0)  # never sent, or no answer: nothing used
         raise
 
 

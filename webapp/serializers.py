@@ -30,6 +30,8 @@ def batch_object(job: dict) -> dict:
         "request_counts": {"total": job.get("total") or 0, "completed": job.get("completed") or 0,
                            "failed": job.get("failed") or 0},
         "metadata": job.get("metadata"),
+        # Not OpenAI's: why a batch in progress runs no lines now (its owner's daily budget).
+        "waiting_reason": job.get("waiting_reason"),
     }
 
 
