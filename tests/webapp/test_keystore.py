@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -97,6 +98,10 @@ BAD_ENTRIES = [
     ("project with a slash", [entry("slash", token=SECRET, project="a/b")], 0, "slash",
      "project"),
     ("project not a string", [entry("num", token=SECRET, project=7)], 0, "num", "project"),
+    ("budget not a number", [entry("spender", token=SECRET, tokens_per_day="lots")], 0,
+     "spender", "tokens_per_day"),
+    ("budget of zero", [entry("stingy", token=SECRET, requests_per_day=0)], 0, "stingy",
+     "requests_per_day"),
     ("duplicate token given as its sha256",
      [GOOD, entry("hashed", sha256=token_digest(OTHER_SECRET))], 1, "hashed",
      "same token as another entry"),
@@ -141,6 +146,27 @@ def test_unusable_file(tmp_path: Path, text: str, complaint: str):
 def test_missing_file(tmp_path: Path):
     with pytest.raises(KeysFileError, match="cannot read"):
         KeyStore(tmp_path / "absent.json")
+
+
+def test_budgets_of_a_key_and_of_its_project():
+    keys = parse_keys({"keys": [entry("a", token=SECRET, tokens_per_minute=100, project="p"),
+                                entry("b", token=OTHER_SECRET, project="p")],
+                       "projects": {"p": {"requests_per_day": 50}}}, "inline")
+    a, b = by_token(keys, SECRET), by_token(keys, OTHER_SECRET)
+    assert [(x.scope, x.name, x.tokens_per_minute, x.requests_per_day) for x in a.budgets] == [
+        ("key", "a", 100, None), ("project", "p", None, 50)]
+    assert [(x.scope, x.requests_per_day) for x in b.budgets] == [("project", 50)]
+
+
+@pytest.mark.parametrize(("projects", "complaint"), [
+    ([], '"projects" must be an object'),
+    ({"p": {"tokens_per_day": -1}}, "project 'p'"),
+    ({"p": {"tokens_per_dya": 5}}, "tokens_per_dya"),
+    ({"p": 7}, "project 'p'"),
+])
+def test_bad_project_budgets_are_named(projects, complaint):
+    with pytest.raises(KeysFileError, match=re.escape(complaint)):
+        parse_keys({"keys": [entry("x", token=SECRET)], "projects": projects}, "inline")
 
 
 def test_parse_keys_names_the_source():
