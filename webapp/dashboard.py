@@ -58,7 +58,7 @@ def page():
 @require_scope("monitor", allow_query_key=True)
 @documented("Runtimes, GPUs, queues, jobs, downloads and decisions (status and counts)")
 def overview_data():
-    return overview.overview(gateway())
+    return overview.overview(gateway(), project=g.api_key.project)
 
 
 @bp.get("/ui/api/series")

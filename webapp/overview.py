@@ -26,6 +26,9 @@ LOG_LINES_SHOWN = 20
 RECENT_DOWNLOAD_SECONDS = 3600
 
 
+USAGE_SHOWN_SECONDS = 24 * 3600
+
+
 def queue_sample(jobs: JobStore, broker: BrokerStats) -> dict[str, int]:
     """Queue depths for the chart series: batch lines per model, `batch` messages per priority."""
     sample = {f"pending|{model}": count for model, count in jobs.pending().items()}
@@ -36,7 +39,9 @@ def queue_sample(jobs: JobStore, broker: BrokerStats) -> dict[str, int]:
 
 # -- the snapshot ------------------------------------------------------------------------------
 
-def overview(gw: Gateway, now: float | None = None) -> dict:
+def overview(gw: Gateway, now: float | None = None, project: str | None = None) -> dict:
+    """What the dashboard shows; `usage` is the last day's of `project` only (the monitor
+    key's), by hour, per key and per model."""
     now = time.time() if now is None else now
     registry = gw.services.registry
     records = registry.all()
@@ -58,7 +63,18 @@ def overview(gw: Gateway, now: float | None = None) -> dict:
         "decisions": registry.recent_decisions(DECISIONS_SHOWN),
         "web_workers": _live_web_workers(registry, now),
         "flower": {"url": settings.flower_url, "port": settings.flower_port},
+        "usage": _usage(gw, now, project),
     }
+
+
+def _usage(gw: Gateway, now: float, project: str | None) -> dict:
+    if project is None:
+        return {"by_key": [], "by_model": []}
+    ledger = gw.services.usage
+    start = now - USAGE_SHOWN_SECONDS
+    return {group: sorted(ledger.query(start, now, "hour", name, project=project),
+                          key=lambda row: -row["start"])  # the newest hour first
+            for group, name in (("by_key", "key"), ("by_model", "model"))}
 
 
 def _runtime(gw: Gateway, record: RuntimeRecord, records: list[RuntimeRecord],

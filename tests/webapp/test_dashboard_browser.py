@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -146,6 +147,12 @@ def test_a_cold_start_and_a_batch_as_they_happen(stack, registry, page):
     assert len(moving) >= 2, f"the bar should move through several values: {seen}"
     assert moving == sorted(moving)
     expect(row).to_contain_text("30 of 30 done")
+
+    # Usage by key and by model, this project's: the batch key's 30 lines, the model's calls.
+    by_key = page.locator('#usage-keys tr[data-usage="test-batch"]').first
+    expect(by_key).to_be_visible(timeout=10_000)
+    expect(by_key.locator("td.num").first).to_have_text(re.compile(r"^([3-9]\d|\d{3,})$"))
+    expect(page.locator(f'#usage-models tr[data-usage="{MODEL}"]').first).to_be_visible()
 
     # The charts: calls and the cold start of the model, from the series in Redis.
     page.wait_for_function(

@@ -217,6 +217,7 @@
     renderQueues(data);
     renderDownloads(data);
     renderJobs(data);
+    renderUsage(data);
     renderDecisions(data);
   }
 
@@ -450,6 +451,17 @@
         el("td", { class: "num", text: `${run.passed} / ${run.not_passed}` }),
         el("td", { text: clock(run.created_at) }),
         jobProgress(run))), 7, "No eval runs yet.");
+  }
+
+  function renderUsage(data) {
+    const rows = (list, name) => list.map((u) => el("tr", { "data-usage": u[name] },
+      el("td", { text: clock(u.start) }),
+      el("td", { class: name === "model" ? "model" : "", text: u[name] }),
+      el("td", { class: "num", text: String(u.requests) }),
+      el("td", { class: "num", text: String(u.prompt_tokens) }),
+      el("td", { class: "num", text: String(u.completion_tokens) })));
+    fill($("usage-keys").tBodies[0], rows(data.usage.by_key, "key"), 5, "No usage yet.");
+    fill($("usage-models").tBodies[0], rows(data.usage.by_model, "model"), 5, "No usage yet.");
   }
 
   function renderDecisions(data) {
