@@ -305,8 +305,7 @@ class Dispatcher:
                 raise Transient(str(exc)) from None
         request_id = f"req_{uuid.uuid4().hex[:24]}"
         try:
-            response = self.engines.send(record.host, record.port, url,
-                                         json.dumps(body).encode(), request_id)
+            response = self.engines.send_to(record, url, json.dumps(body).encode(), request_id)
             data = response.read()
         except (EngineUnreachable, EngineBrokeOff, EngineTimeout) as exc:
             self.router.invalidate()

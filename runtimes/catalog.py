@@ -58,6 +58,13 @@ class ModelSpec:
     hf_allow_patterns: tuple[str, ...] | None = None
     hf_ignore_patterns: tuple[str, ...] | None = None
     kind: str = GENERATE
+    # An engine the orchestrator does not run (runtimes.upstreams): its base URL and the
+    # environment variable that holds its API key. None: a managed model.
+    upstream_url: str | None = None
+    upstream_key_env: str | None = None
+    # Another catalog model that answers this one's realtime calls while it is cold or failed
+    # (for keys that opt in).
+    fallback: str | None = None
     # LoRA: whether the catalog declares adapters of this model, and the engine's bounds for them.
     serves_adapters: bool = False
     max_loras: int = 4
@@ -96,6 +103,15 @@ def _check_seconds_by_engine(value) -> None:
 
 def _patterns(value: list[str] | None) -> tuple[str, ...] | None:
     return tuple(value) if value is not None else None
+
+
+class _UpstreamSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    base_url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
+    api_key_env = fields.String(load_default=None, allow_none=True,
+                                validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*$"))
 
 
 class _EntrySchema(Schema):
@@ -140,6 +156,9 @@ class _EntrySchema(Schema):
     # vLLM's --max-loras (adapters in one batch) and --max-lora-rank; only for a base of adapters.
     max_loras = fields.Integer(load_default=4, validate=validate.Range(min=1, max=256))
     max_lora_rank = fields.Integer(load_default=16, validate=validate.Range(min=1, max=512))
+    upstream = fields.Nested(_UpstreamSchema, load_default=None, allow_none=True)
+    fallback = fields.String(load_default=None, allow_none=True,
+                             validate=validate.Length(min=1, max=256))
 
 
 class _AdapterSchema(Schema):
@@ -257,17 +276,39 @@ class ModelCatalog:
                     max_replicas=entry["max_replicas"],
                     max_concurrency=entry["max_concurrency"],
                     batch_max_inflight=entry["batch_max_inflight"],
-                    download_weights=(engine != "sim" if entry["download_weights"] is None
-                                      else entry["download_weights"]),
+                    download_weights=False if entry["upstream"] else (
+                        engine != "sim" if entry["download_weights"] is None
+                        else entry["download_weights"]),
                     hf_allow_patterns=_patterns(entry["hf_allow_patterns"]),
                     hf_ignore_patterns=_patterns(entry["hf_ignore_patterns"]),
                     kind=entry["kind"],
+                    upstream_url=(entry["upstream"] or {}).get("base_url"),
+                    upstream_key_env=(entry["upstream"] or {}).get("api_key_env"),
+                    fallback=entry["fallback"],
                     max_loras=entry["max_loras"],
                     max_lora_rank=entry["max_lora_rank"],
                     fingerprint=fingerprint,
                 )
             )
+        _check_fallbacks(specs, source)
         return cls(_with_adapters(specs, adapters, source), [a for _, a in adapters])
+
+
+def _check_fallbacks(specs: list[ModelSpec], source: str) -> None:
+    by_id = {spec.id: spec for spec in specs}
+    for spec in specs:
+        if spec.fallback is None:
+            continue
+        label = f"model catalog {source}: entry ({spec.id})"
+        other = by_id.get(spec.fallback)
+        if spec.upstream_url is not None:
+            raise CatalogError(f"{label}: an upstream is never cold; it takes no fallback")
+        if other is None or other.id == spec.id:
+            raise CatalogError(f"{label}: its fallback '{spec.fallback}' is not another model "
+                               "of the catalog")
+        if other.kind != spec.kind:
+            raise CatalogError(f"{label}: its fallback '{spec.fallback}' is a {other.kind} "
+                               f"model, it a {spec.kind} one")
 
 
 def _load_adapter(raw: dict, label: str) -> AdapterSpec:

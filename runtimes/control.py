@@ -41,6 +41,7 @@ from runtimes.registry import (
     RuntimeRecord,
     RuntimeRegistry,
 )
+from runtimes.upstreams import check_all as check_upstreams
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class ControlPlane:
         if spec is None:
             log.warning("ensure_running: %s is not in the catalog", model)
             return None
+        if spec.upstream_url is not None:
+            return None  # not ours to start (runtimes.upstreams)
         # A start asked for before the model's last failure may arrive after it: the failure
         # count, not the asking, decides.
         if self.registry.failed_starts().get(model, 0) >= MAX_FAILED_STARTS:
@@ -372,7 +375,8 @@ class ControlPlane:
         demand, pending = self.registry.demand(), self.batch_pending()
         return Snapshot(
             now=now,
-            catalog={spec.id: spec for spec in self.catalog},
+            # Upstreams are never started, stopped or placed: the policy does not see them.
+            catalog={spec.id: spec for spec in self.catalog if spec.upstream_url is None},
             runtimes=records,
             observed=self.backend.list(),
             demand=demand,
@@ -469,6 +473,7 @@ class ControlPlane:
                 self._carry_out(action)
                 decisions.append({"at": snapshot.now, **action.describe()})
             self._probe_starting()
+            check_upstreams(self.catalog, self.registry)
             if self.weights is not None:
                 self.weights.pages.refresh_residency()  # for the web's cache and prime views
             self.registry.set_batch_caps(

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import time
 
+from runtimes.catalog import ModelCatalog
 from runtimes.registry import READY, RuntimeRecord, RuntimeRegistry
+from runtimes.upstreams import health as upstream_health
+from runtimes.upstreams import upstream_record
 
 
 class RuntimeRouter:
-    def __init__(self, registry: RuntimeRegistry, cache_seconds: float = 0.5):
+    def __init__(self, registry: RuntimeRegistry, cache_seconds: float = 0.5,
+                 catalog: ModelCatalog | None = None):
         self.registry = registry
         self.cache_seconds = cache_seconds
+        # The catalog's upstreams: one fixed record each, handed out while healthy.
+        self._upstreams = {spec.id: spec for spec in (catalog or ()) if spec.upstream_url}
         self._ready: dict[str, list[RuntimeRecord]] = {}
         self._expires = 0.0
 
@@ -25,6 +31,11 @@ class RuntimeRouter:
         for record in self.registry.all():
             if record.state == READY and record.port:
                 ready.setdefault(record.model, []).append(record)
+        if self._upstreams:
+            checked = upstream_health(self.registry)
+            for model, spec in self._upstreams.items():
+                if checked.get(model, {}).get("ok", True):  # not checked yet: try it
+                    ready[model] = [upstream_record(spec)]
         self._ready = ready
         self._expires = time.monotonic() + self.cache_seconds
 

@@ -9,11 +9,17 @@ under gevent (gunicorn's worker, Celery's gevent pool) the sockets are cooperati
 A reused connection that the engine closed while idle (uvicorn closes idle keep-alive
 connections after a few seconds) fails before any byte of the answer; such a request is sent
 once more on a new connection, as an HTTP client does for stale keep-alive connections.
+
+An engine the orchestrator does not run (a catalog `upstream`: another team's vLLM, a hosted
+OpenAI-compatible API) may want TLS and a bearer token: a pool made with `tls` wraps its
+connections, and `extra_headers` go into every request it sends (`runtimes.upstreams`).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 from collections.abc import Iterator
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -131,7 +137,7 @@ class EnginePool:
     """Idle keep-alive connections to one engine (host, port)."""
 
     def __init__(self, host: str, port: int, maxsize: int, connect_timeout: float,
-                 read_timeout: float):
+                 read_timeout: float, tls: bool = False, extra_headers: bytes = b""):
         self.host = host
         self.port = port
         self.maxsize = maxsize
@@ -139,6 +145,8 @@ class EnginePool:
         self.read_timeout = read_timeout
         self._idle: list[tuple[socket.socket, object]] = []
         self._host_header = f"{host}:{port}".encode()
+        self._tls = ssl.create_default_context() if tls else None
+        self._extra = extra_headers  # whole header lines, each ending in CRLF
 
     def put(self, sock: socket.socket, reader) -> None:
         if len(self._idle) < self.maxsize:
@@ -157,6 +165,12 @@ class EnginePool:
         except OSError as exc:
             raise EngineUnreachable(str(exc)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise EngineUnreachable(f"TLS: {exc}") from None
         sock.settimeout(self.read_timeout)
         return sock, sock.makefile("rb", buffering=READ_BLOCK)
 
@@ -165,7 +179,7 @@ class EnginePool:
         head = b"".join((
             method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", self._host_header,
             b"\r\nContent-Type: application/json\r\nContent-Length: ", str(len(body)).encode(),
-            b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n\r\n",
+            b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n", self._extra, b"\r\n",
         ))
         while self._idle:
             sock, reader = self._idle.pop()
@@ -228,3 +242,34 @@ class EngineClient:
             pool = self._pools[(host, port)] = EnginePool(
                 host, port, self.pool_size, self.connect_timeout, self.read_timeout)
         return pool.post(path, body, request_id, method)
+
+    def send_to(self, record, path: str, body: bytes, request_id: str,
+                method: bytes = b"POST") -> UpstreamResponse:
+        """Send to an instance of the registry, or to an upstream the catalog names (its
+        record's `meta`: base path, TLS, the bearer token's environment variable)."""
+        meta = record.meta
+        if record.backend != "upstream":
+            return self.send(record.host, record.port, path, body, request_id, method)
+        key = (record.host, record.port, "upstream", record.id)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = EnginePool(
+                record.host, record.port, self.pool_size, self.connect_timeout,
+                self.read_timeout, tls=meta.get("tls", False),
+                extra_headers=upstream_headers(meta))
+        return pool.post(upstream_path(meta.get("base_path", ""), path), body, request_id,
+                         method)
+
+
+def upstream_path(base_path: str, path: str) -> str:
+    """Our route's path on an upstream whose base URL has `base_path` (`.../v1`): its `/v1`
+    is the base's."""
+    base = base_path.rstrip("/")
+    if base.endswith("/v1") and (path == "/v1" or path.startswith("/v1/")):
+        return base + path[3:]
+    return (base[:-3] if base.endswith("/v1") else base) + path
+
+
+def upstream_headers(meta: dict) -> bytes:
+    token = os.environ.get(meta.get("key_env") or "", "")
+    return b"Authorization: Bearer " + token.encode() + b"\r\n" if token else b""

@@ -119,7 +119,7 @@ def build_services(settings: Settings, queue: TaskQueue,
         batch_pending=jobs.pending,  # the autoscaler's batch queue depth
         on_started=metrics.engine_started(series),
     )
-    router = RuntimeRouter(control.registry, settings.registry_cache_seconds)
+    router = RuntimeRouter(control.registry, settings.registry_cache_seconds, control.catalog)
     files = FileStore(client, settings.files_dir)
     limits = batch_limits(settings)
     # Eval runs are batch work of their own kind: the same chunks, leases, retries and sweep.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import urllib3
 
 from runtimes.registry import READY, RuntimeRegistry
 from runtimes.tiny_lora import TinyLora, write_adapter_dir
-from tests.harness import REPO, RedisServer, Stack, ensure_dockerd
+from tests.harness import REPO, RedisServer, Stack, ensure_dockerd, free_port
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -34,6 +36,7 @@ TOKENS = {
     "budget": "test-budget-token",
     "budget_project": "test-budget-project-token",
     "budget_mixed": "test-budget-mixed-token",
+    "fallback": "test-fallback-token",
 }
 # Keys of a second project ("other"), one per scope: they must never see project default's data.
 OTHER_TOKENS = {scope: f"other-project-{scope}-token"
@@ -67,6 +70,8 @@ def keys_document() -> dict:
          "tokens_per_day": BUDGET_TOKENS, "project": "budgeted"},
         {"name": "test-budget-project", "token": TOKENS["budget_project"],
          "scopes": ["realtime", "batch", "upload"], "project": "budgeted-project"},
+        {"name": "test-fallback", "token": TOKENS["fallback"], "scopes": ["realtime"],
+         "fallback": True},
         {"name": "test-budget-mixed", "token": TOKENS["budget_mixed"],
          "scopes": ["realtime", "batch", "upload"], "requests_per_day": 4,
          "project": "budget-mixed"},
@@ -126,9 +131,22 @@ LORA_BASE = "sim/lora"
 ADAPTERS = tuple(f"{LORA_BASE}-{name}" for name in ("a", "b", "c"))
 
 
-def catalog_with_adapters(workdir: Path) -> Path:
-    """The test catalog plus three LoRA adapters of `sim/lora` (max_loras 2), written here."""
+UPSTREAM_MODEL = "ext/model"  # served by an engine the stack does not run
+UPSTREAM_KEY = "upstream-secret-key"
+DEAD_UPSTREAM = "ext/dead"
+
+
+def catalog_with_adapters(workdir: Path, upstream_port: int | None = None) -> Path:
+    """The test catalog plus three LoRA adapters of `sim/lora` (max_loras 2), written here;
+    and, given its port, the external engine as an upstream (and one that never answers)."""
     document = json.loads((DATA / "models.test.json").read_text())
+    if upstream_port is not None:
+        document["models"] += [
+            {"id": UPSTREAM_MODEL, "upstream": {
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "api_key_env": "TEST_UPSTREAM_KEY"}},
+            {"id": DEAD_UPSTREAM, "upstream": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}},
+        ]
     for seed, adapter in enumerate(ADAPTERS, start=1):
         path = write_adapter_dir(workdir / "adapters" / adapter.rsplit("/", 1)[1],
                                  TinyLora(seed=seed))
@@ -139,14 +157,42 @@ def catalog_with_adapters(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, redis_server, keys_file):
+def external_engine(tmp_path_factory):
+    """A sim engine the stack does not run (with vLLM's --api-key): a catalog upstream."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("external") / "engine.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtimes.sim", "--model", UPSTREAM_MODEL, "--port", str(port),
+         "--api-key", UPSTREAM_KEY], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, 15)
+        yield port
+    finally:
+        process.kill()
+        process.wait(10)
+        log.close()
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_server, keys_file, external_engine):
     """The web app (2 gevent workers) and a control worker with beat, on the test catalog."""
     workdir = tmp_path_factory.mktemp("stack")
     stack = Stack(
         workdir,
         f"{redis_server.url}/0",
-        catalog_with_adapters(workdir),
+        catalog_with_adapters(workdir, external_engine),
         keys_file,
+        TEST_UPSTREAM_KEY=UPSTREAM_KEY,
         RESTART_BACKOFF_SECONDS="0.2",
         BATCH_SWEEP_SECONDS="1",
         BATCH_CHUNK_LINES="50",

@@ -61,6 +61,7 @@ class ApiKey:
     requests_per_minute: int | None = None
     max_concurrency: int | None = None
     budgets: tuple[Budget, ...] = ()  # its own, then its project's
+    fallback: bool = False  # a cold model's catalog fallback may answer this key's calls
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -89,6 +90,7 @@ class _KeySchema(Schema):
     tokens_per_minute = fields.Integer(load_default=None, validate=validate.Range(min=1))
     tokens_per_day = fields.Integer(load_default=None, validate=validate.Range(min=1))
     requests_per_day = fields.Integer(load_default=None, validate=validate.Range(min=1))
+    fallback = fields.Boolean(load_default=False)
     note = fields.String()
 
     @validates_schema
@@ -163,6 +165,7 @@ def parse_keys(document, source: str) -> dict[str, ApiKey]:
             requests_per_minute=entry["requests_per_minute"],
             max_concurrency=entry["max_concurrency"],
             budgets=_budgets(entry, projects),
+            fallback=entry["fallback"],
         )
     return keys
 

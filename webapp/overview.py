@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from jobs.store import JobStore
 from runtimes.policy import MAX_FAILED_STARTS
 from runtimes.registry import READY, SLEEPING, STARTING, RuntimeRecord
+from runtimes.upstreams import health as upstream_health
 from tasks.broker import BATCH_QUEUE, BrokerStats, api_priority
 from webapp.coldstart import estimate_start_seconds
 from webapp.context import Gateway
@@ -64,7 +65,18 @@ def overview(gw: Gateway, now: float | None = None, project: str | None = None) 
         "web_workers": _live_web_workers(registry, now),
         "flower": {"url": settings.flower_url, "port": settings.flower_port},
         "usage": _usage(gw, now, project),
+        "upstreams": _upstreams(gw),
     }
+
+
+def _upstreams(gw: Gateway) -> list[dict]:
+    """The catalog's upstreams (engines run by others) and their last health check."""
+    checked = upstream_health(gw.services.registry)
+    return [{"model": spec.id, "base_url": spec.upstream_url,
+             "ok": checked.get(spec.id, {}).get("ok"),
+             "error": checked.get(spec.id, {}).get("error") or None,
+             "checked_at": checked.get(spec.id, {}).get("at")}
+            for spec in gw.services.catalog if spec.upstream_url is not None]
 
 
 def _usage(gw: Gateway, now: float, project: str | None) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flask import Blueprint, Response, g, request
 
@@ -22,6 +22,7 @@ from runtimes.engine_requests import CHAT_COMPLETION, COMPLETION
 from runtimes.lora import AdapterLoadError
 from runtimes.registry import READY, RuntimeRecord
 from runtimes.upstream import EngineBrokeOff, EngineTimeout, EngineUnreachable
+from runtimes.upstreams import health as upstream_health
 from services.usage_ledger import UsageKey
 from webapp import coldstart
 from webapp.apidoc import accepts, documented
@@ -93,7 +94,8 @@ def forward(schema, path: str, kind: str | None = GENERATE, priority: bool = Tru
     gw.usage.arrived(spec.id)  # an adapter's demand is its base's
     meter = Meter(gw.usage, UsageKey(key.name, key.project, body["model"], "realtime"),
                   strip_usage, reservation.settle if reservation is not None else None)
-    call = _Call(spec, adapter, path, raw, request_id, stream, watch, error_shape, meter)
+    call = _Call(spec, adapter, path, raw, request_id, stream, watch, error_shape, meter,
+                 fallback_allowed=key.fallback)
     try:
         return _send(gw, call, release_lease)
     except BaseException:
@@ -115,13 +117,50 @@ class _Call:
     watch: Callable[[RuntimeRecord, bytes], None] | None
     error_shape: Callable[[int, bytes], bytes]
     meter: Meter
+    fallback_allowed: bool = False
+    answered_by: str | None = None  # the fallback that answers instead of the model asked
 
 
-def _pick(gw: Gateway, call: _Call) -> RuntimeRecord:
-    """A ready instance of the call's model (cold: `coldstart`), with the adapter loaded."""
+def _pick(gw: Gateway, call: _Call) -> tuple[RuntimeRecord, _Call]:
+    """A ready instance of the call's model (cold: `coldstart`, or its fallback), with the
+    adapter loaded; and the call as it goes there (to a fallback: with that model's name)."""
     router, usage, spec = gw.services.router, gw.usage, call.spec
     if call.adapter is None:
-        return router.pick(spec.id, usage.inflight) or coldstart.await_runtime(spec)
+        record = router.pick(spec.id, usage.inflight)
+        if record is not None:
+            return record, call
+        if spec.upstream_url is not None:
+            raise APIError(503, f"The model '{spec.id}' is served elsewhere, and its upstream "
+                                "does not answer its health check.", type="server_error",
+                           code="upstream_unavailable", headers={"Retry-After": "5"})
+        fallback = _fallback(gw, call)
+        if fallback is not None:
+            return fallback
+        return coldstart.await_runtime(spec), call
+    return _pick_with_adapter(gw, call), call
+
+
+def _fallback(gw: Gateway, call: _Call) -> tuple[RuntimeRecord, _Call] | None:
+    """The catalog's fallback of a cold or failed model, for a key that opted in: a ready
+    instance of it and the call with its name; the cold model's start is asked for all the
+    same (its demand noted), so later calls find it."""
+    spec = call.spec
+    if spec.fallback is None or not call.fallback_allowed:
+        return None
+    other = gw.services.catalog.get(spec.fallback)
+    record = gw.services.router.pick(other.id, gw.usage.inflight) if other else None
+    if record is None:
+        return None
+    gw.services.registry.note_demand(spec.id)
+    gw.services.request_start(spec.id)
+    body = json.loads(call.raw)
+    body["model"] = other.id
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return record, replace(call, spec=other, raw=raw, answered_by=other.id)
+
+
+def _pick_with_adapter(gw: Gateway, call: _Call) -> RuntimeRecord:
+    router, usage, spec = gw.services.router, gw.usage, call.spec
     loader = gw.adapters
     have = loader.loaded_on(router.ready(spec.id), call.adapter.id)
     record = router.pick(spec.id, usage.inflight, prefer=have) or coldstart.await_runtime(spec)
@@ -135,17 +174,17 @@ def _pick(gw: Gateway, call: _Call) -> RuntimeRecord:
 
 
 def _open_upstream(gw: Gateway, call: _Call):
-    """Send the call to a ready instance; return it and the engine's unread answer.
+    """Send the call to a ready instance; return it, the call as sent (to a fallback, with
+    that model's name) and the engine's unread answer.
 
     The call counts as in flight on the instance from here; the caller ends it.
     """
     router, usage, client = gw.services.router, gw.usage, gw.engine_client
     for attempt in (1, 2):
-        record = _pick(gw, call)
+        record, call = _pick(gw, call)
         usage.begin(record.id, call.spec.id)
         try:
-            return record, client.send(record.host, record.port, call.path, call.raw,
-                                       call.request_id)
+            return record, call, client.send_to(record, call.path, call.raw, call.request_id)
         except (EngineTimeout, EngineBrokeOff) as exc:
             usage.end(record.id)
             raise engine_failure(exc) from None
@@ -166,7 +205,7 @@ def _open_upstream(gw: Gateway, call: _Call):
 
 def _send(gw: Gateway, call: _Call, release_lease) -> Response:
     usage = gw.usage
-    record, upstream = _open_upstream(gw, call)
+    record, call, upstream = _open_upstream(gw, call)
     if call.adapter is not None and upstream.status == 404:
         # The engine lost the adapter we thought loaded (it restarted under the same id): load
         # it once more and send again.
@@ -177,7 +216,7 @@ def _send(gw: Gateway, call: _Call, release_lease) -> Response:
                 release_lease()
             return _whole(call, 404, data, "application/json")
         gw.adapters.reload(record, call.spec, call.adapter)
-        record, upstream = _open_upstream(gw, call)
+        record, call, upstream = _open_upstream(gw, call)
 
     if not call.stream or upstream.status != 200:
         try:
@@ -205,8 +244,7 @@ def _send(gw: Gateway, call: _Call, release_lease) -> Response:
         relay_stream(upstream, request.environ.get("gunicorn.socket"), on_end, timer.first))
     if call.watch is not None:
         chunks = _watched(chunks, record, call.watch)
-    headers = {"X-Request-Id": call.request_id, "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
+    headers = {**_headers(call), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(chunks, status=200, headers=headers, direct_passthrough=True,
                     content_type=upstream.headers.get("Content-Type", "text/event-stream"))
 
@@ -215,8 +253,14 @@ def _whole(call: _Call, status: int, data: bytes, content_type: str) -> Response
     if status >= 400:
         data = call.error_shape(status, data)
         content_type = "application/json"  # our envelope, whatever the engine sent
-    return Response(data, status=status, content_type=content_type,
-                    headers={"X-Request-Id": call.request_id})
+    return Response(data, status=status, content_type=content_type, headers=_headers(call))
+
+
+def _headers(call: _Call) -> dict[str, str]:
+    headers = {"X-Request-Id": call.request_id}
+    if call.answered_by is not None:
+        headers["X-Answered-By"] = call.answered_by  # a fallback; `model` says so too
+    return headers
 
 
 def _watched(chunks: Iterator[bytes], record: RuntimeRecord,
@@ -244,7 +288,8 @@ def chat_completions():
 
 
 def _states() -> dict[str, str]:
-    """Each model's most useful state among its instances: ready beats starting, etc."""
+    """Each model's most useful state among its instances: ready beats starting, etc.; an
+    upstream's is its last health check's (ready until checked)."""
     rank = ("failed", "stopping", "draining", "sleeping", "starting", "ready")
     states: dict[str, str] = {}
     for record in services().registry.all():
@@ -252,6 +297,10 @@ def _states() -> dict[str, str]:
             states[record.model] = record.state
         else:
             states.setdefault(record.model, record.state)
+    checked = upstream_health(services().registry)
+    for spec in services().catalog:
+        if spec.upstream_url is not None:
+            states[spec.id] = "ready" if checked.get(spec.id, {}).get("ok", True) else "failed"
     return states
 
 
@@ -259,7 +308,8 @@ def _model_object(spec: ModelSpec, states: dict[str, str],
                   adapter: AdapterSpec | None = None) -> dict:
     """A model, or an adapter (`parent`: its base, whose engines serve it, and its state)."""
     entry = {"id": spec.id, "object": "model", "created": 0, "owned_by": "llm-gateway",
-             "engine": spec.engine, "kind": spec.kind, "state": states.get(spec.id, "stopped")}
+             "engine": "upstream" if spec.upstream_url else spec.engine, "kind": spec.kind,
+             "state": states.get(spec.id, "stopped")}
     if adapter is not None:
         entry.update(id=adapter.id, parent=spec.id, root=adapter.repo_id if adapter.hf_repo
                      else adapter.id)

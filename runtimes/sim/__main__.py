@@ -148,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     parser.add_argument(
         "--hidden-size", type=_positive_int, default=64, help="length of the embeddings"
     )
+    parser.add_argument("--api-key", default=None,
+                        help="vLLM's: the /v1 routes answer 401 without this bearer token")
     args = parser.parse_args(argv)
     if args.runner == "pooling" and args.convert == "none":
         # vLLM's refusal (it then exits 1), for a generative model without its embed adapter.
@@ -172,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         lora=lora_options(args),
         runner="pooling" if args.runner == "pooling" else "generate",
         hidden_size=args.hidden_size,
+        api_key=args.api_key,
     )
 
 

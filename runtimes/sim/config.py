@@ -31,3 +31,4 @@ class SimConfig:
     lora: LoraOptions | None = None  # --enable-lora and its flags (runtimes.sim.lora); None: off
     runner: str = "generate"  # vLLM's --runner: generate | pooling (embeddings, score, rerank)
     hidden_size: int = 64  # the length of a pooling runner's embeddings
+    api_key: str | None = None  # vLLM's --api-key: /v1 routes then need it as a bearer token

@@ -335,11 +335,26 @@ async def _is_sleeping(request: web.Request) -> web.Response:
     return web.json_response({"is_sleeping": request.app[ENGINE_KEY].sleeping})
 
 
+def _requires_key(api_key: str):
+    """vLLM's `--api-key`: a /v1 route answers 401 `{"error": "Unauthorized"}` without it."""
+    expected = f"Bearer {api_key}"
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != expected:
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
+
+
 def build_app(config: SimConfig) -> web.Application:
     """The aiohttp application serving `config.model` the way vLLM would."""
     # Long prompts are legitimate; aiohttp's 1 MiB default body limit would reject them.
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[ENGINE_KEY] = engine = SimEngine(config)
+    if config.api_key:
+        app.middlewares.append(_requires_key(config.api_key))
     app.router.add_get("/health", _health)
     app.router.add_get("/version", _version)
     app.router.add_get("/v1/models", _models)

@@ -259,6 +259,28 @@ def test_adapters_change_their_base_fingerprint_once():
     assert [a.id for a in with_two.adapters()] == [LORA, "acme/second-lora"]
 
 
+def test_upstreams_and_fallbacks():
+    catalog = ModelCatalog.from_document({"models": [
+        {"id": "here", "fallback": "there"},
+        {"id": "there", "upstream": {"base_url": "https://api.example.com/v1",
+                                     "api_key_env": "THERE_KEY"}},
+    ]}, "vllm")
+    there = catalog.get("there")
+    assert (there.upstream_url, there.upstream_key_env) == ("https://api.example.com/v1",
+                                                            "THERE_KEY")
+    assert there.download_weights is False  # nothing of it is fetched or started here
+    assert catalog.get("here").fallback == "there" and catalog.get("here").upstream_url is None
+    for models, complaint in (
+            ([{"id": "a", "fallback": "nowhere"}], "'nowhere' is not another model"),
+            ([{"id": "a", "fallback": "a"}], "'a' is not another model"),
+            ([{"id": "a", "fallback": "e"}, {"id": "e", "kind": "embedding"}],
+             "is a embedding model"),
+            ([{"id": "a", "upstream": {"base_url": "http://x:1/v1"}, "fallback": "b"},
+              {"id": "b"}], "takes no fallback")):
+        with pytest.raises(CatalogError, match=complaint):
+            ModelCatalog.from_document({"models": models}, "vllm", source="t.json")
+
+
 def test_explicit_engine_and_plain_seconds():
     catalog = ModelCatalog.from_document({"models": [
         {"id": "a", "engine": "sglang", "expected_start_seconds": 12,
@@ -300,6 +322,10 @@ VALID = {"id": "ok/model", "gpus": 0}
         ([VALID, {"id": "ok/model", "base": "ok/model", "path": "/a"}], 1, "ok/model",
          "duplicate id"),
         ([VALID, {"id": "a/lora", "base": 3, "path": "/a"}], 1, "a/lora", "base"),
+        ([{"id": "up", "upstream": {"base_url": "ftp://x/v1"}}], 0, "up", "base_url"),
+        ([{"id": "up", "upstream": {"api_key_env": "K"}}], 0, "up", "base_url"),
+        ([{"id": "up", "upstream": {"base_url": "http://x:1/v1", "api_key_env": "A KEY"}}], 0,
+         "up", "api_key_env"),
     ],
 )
 def test_malformed_entry_is_named(entries, index, name, complaint):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import TOKENS, raw_post, sdk
+from tests.conftest import DEAD_UPSTREAM, TOKENS, UPSTREAM_MODEL, raw_post, sdk
 from tests.harness import REPO, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -219,6 +219,17 @@ def test_a_failed_model_shows_its_logs_and_can_be_reset(stack, registry, page):
         # Leave nothing for the autoscaler to retry in the later tests.
         registry.clear_demand(BROKEN)
         registry.reset_model(BROKEN)
+
+
+def test_upstreams_are_shown_with_their_health(stack, page):
+    page.goto(f"{stack.base_url}/dashboard?key={TOKENS['monitor']}&refresh=1")
+    expect(page.locator("#board")).to_be_visible()
+    alive = page.locator(f'#upstreams .item[data-model="{UPSTREAM_MODEL}"]')
+    expect(alive.locator(".badge")).to_have_text("ready", timeout=15_000)
+    dead = page.locator(f'#upstreams .item[data-model="{DEAD_UPSTREAM}"]')
+    expect(dead.locator(".badge")).to_have_text("failed", timeout=15_000)
+    expect(dead.locator(".reason")).to_contain_text("unreachable")
+    assert page.errors == []
 
 
 def test_gpu_holders_and_downloads_are_drawn(stack, page):

@@ -218,6 +218,7 @@
     renderDownloads(data);
     renderJobs(data);
     renderUsage(data);
+    renderUpstreams(data);
     renderDecisions(data);
   }
 
@@ -451,6 +452,16 @@
         el("td", { class: "num", text: `${run.passed} / ${run.not_passed}` }),
         el("td", { text: clock(run.created_at) }),
         jobProgress(run))), 7, "No eval runs yet.");
+  }
+
+  function renderUpstreams(data) {
+    const items = data.upstreams.map((u) => el("div", { class: "item", "data-model": u.model },
+      el("span", { class: "model", text: u.model }), " ",
+      badge(u.ok === false ? "failed" : (u.ok ? "ready" : "unchecked")), " ",
+      el("span", { class: "muted mono", text: u.base_url }),
+      u.error ? el("div", { class: "reason", text: u.error }) : null));
+    $("upstreams").replaceChildren(...(items.length ? items
+      : [el("p", { class: "empty", text: "None: every model runs here." })]));
   }
 
   function renderUsage(data) {
