@@ -154,9 +154,10 @@ def _write_keys(path, document) -> None:
 
 
 def _every_worker_answers(url: str, token: str, status: int) -> bool:
-    # Each instance has two gunicorn workers, each with its own copy of the keys: ask enough
-    # times to meet both.
-    return all(post(url, CALL, token=token).status == status for _ in range(6))
+    # Each instance has two gunicorn workers, each with its own copy of the keys: ask several
+    # times, each on a new connection, so that both are likely met.
+    return all(post(url, CALL, token=token, new_connection=True).status == status
+               for _ in range(6))
 
 
 def test_each_host_honours_a_new_keys_file_within_its_reload_interval(hosts):
