@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -108,25 +108,33 @@ def ensure_dockerd(log_dir: Path) -> None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, appendonly: bool = False, replica_of: int | None = None):
-        self.port = free_port()
+    """redis-server on `host` (loopback unless a test's own network gives another address)."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False, replica_of: int | None = None,
+                 host: str = "127.0.0.1"):
+        self.host = host
+        self.port = free_port(host)
         self.workdir = workdir
         self.appendonly = appendonly
-        self.replica_of = replica_of  # the loopback port of the primary this one replicates
+        self.replica_of = replica_of  # the port of the primary (on the same host) it replicates
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"redis://{self.host}:{self.port}"
 
     def argv(self) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+        argv = [binary, "--port", str(self.port), "--bind", self.host, "--dir", str(self.workdir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no"]
         if self.replica_of is not None:
-            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            argv += ["--replicaof", self.host, str(self.replica_of)]
+        if self.host != "127.0.0.1":
+            # A test network's own address (tests.netns): clients come from other namespaces,
+            # which protected mode (no password) would turn away.
+            argv += ["--protected-mode", "no"]
         return argv
 
     def start(self) -> RedisServer:
@@ -143,7 +151,7 @@ class RedisServer:
     def command(self, line: bytes) -> bytes:
         """One inline command's raw reply (its first 4 kB), b"" when nothing answers."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
                 sock.sendall(line + b"\r\n")
                 return sock.recv(4096)
         except OSError:
@@ -172,18 +180,19 @@ class RedisSentinel(RedisServer):
     and a failover is retried after `failover_timeout_ms`."""
 
     def __init__(self, workdir: Path, primary_port: int, master: str = "mymaster",
-                 quorum: int = 2, down_after_ms: int = 1000, failover_timeout_ms: int = 5000):
-        super().__init__(workdir)
+                 quorum: int = 2, down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 host: str = "127.0.0.1"):
+        super().__init__(workdir, host=host)
         self.master = master
-        self.config = (f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
-                       f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n"
+        self.config = (f"port {self.port}\nbind {host}\ndir {workdir}\nprotected-mode no\n"
+                       f"sentinel monitor {master} {host} {primary_port} {quorum}\n"
                        f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
                        f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
                        f"sentinel parallel-syncs {master} 1\n")
 
     @property
     def url(self) -> str:
-        return f"sentinel://127.0.0.1:{self.port}"
+        return f"sentinel://{self.host}:{self.port}"
 
     def argv(self) -> list[str]:
         # Sentinel rewrites its configuration file: it must be a file of its own.
@@ -197,6 +206,14 @@ class RedisSentinel(RedisServer):
         parts = reply.split(b"\r\n")
         # *2 / $9 / 127.0.0.1 / $4 / 6380
         return int(parts[4]) if len(parts) > 4 and parts[4].isdigit() else None
+
+    def watching(self, replicas: int = 1, other_sentinels: int = 2) -> bool:
+        """The Sentinel sees the replicas and the other Sentinels, so a failover can happen."""
+        reply = self.command(f"SENTINEL master {self.master}".encode())
+        fields = reply.decode(errors="replace").split("\r\n")
+        fields = dict(zip(fields[2::4], fields[4::4], strict=False))
+        return (fields.get("num-slaves") == str(replicas)
+                and fields.get("num-other-sentinels") == str(other_sentinels))
 
 
 class Stack:
@@ -235,17 +252,25 @@ class Stack:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], netns: str | None = None,
+               env: dict | None = None) -> None:
+        """Start `argv` as process `name`; in the network namespace `netns` if given (as on
+        another machine: `tests.netns`), with `env` over the stack's environment."""
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]  # it execs argv: the pid is argv's
         with open(self.log_path(name), "ab") as log:
             self.procs[name] = subprocess.Popen(
-                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                argv, cwd=REPO, env={**self.env, **(env or {})}, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )
 
-    def start_web(self) -> None:
-        self._spawn("web", [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py",
-                            "webapp.wsgi:app"])
-        wait_for(self._healthy, 30, what=f"web on {self.base_url}\n{self.tail('web')}")
+    def start_web(self, name: str = "web", bind: str | None = None, netns: str | None = None,
+                  env: dict | None = None) -> None:
+        bind = bind or f"127.0.0.1:{self.port}"
+        self._spawn(name, [str(VENV_BIN / "gunicorn"), "-c", "webapp/gunicorn_conf.py",
+                           "webapp.wsgi:app"], netns, {**(env or {}), "WEB_BIND": bind})
+        wait_for(lambda: self._healthy(f"http://{bind}"), 30,
+                 what=f"web on {bind}\n{self.tail(name)}")
 
     def start_worker(self) -> None:
         self._spawn("worker", [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker",
@@ -255,10 +280,11 @@ class Stack:
         wait_for(lambda: b"ready." in self.log_path("worker").read_bytes(), 60,
                  what=f"celery worker\n{self.tail('worker')}")
 
-    def start_batch_worker(self, name: str = "batch", concurrency: int = 50) -> None:
+    def start_batch_worker(self, name: str = "batch", concurrency: int = 50,
+                           netns: str | None = None, env: dict | None = None) -> None:
         self._spawn(name, [str(VENV_BIN / "celery"), "-A", "tasks.worker", "worker",
                            "-Q", "batch", "-P", "gevent", "-c", str(concurrency),
-                           "-l", "INFO", "-n", f"{name}-{self.port}@%h"])
+                           "-l", "INFO", "-n", f"{name}-{self.port}@%h"], netns, env)
         wait_for(lambda: b"ready." in self.log_path(name).read_bytes(), 60,
                  what=f"celery {name} worker\n{self.tail(name)}")
 
@@ -272,9 +298,10 @@ class Stack:
         self.start_batch_worker()
         return self
 
-    def _healthy(self) -> bool:
+    def _healthy(self, base_url: str | None = None) -> bool:
         try:
-            response = urllib3.request("GET", f"{self.base_url}/healthz", timeout=1, retries=False)
+            response = urllib3.request("GET", f"{base_url or self.base_url}/healthz", timeout=1,
+                                       retries=False)
             return response.status == 200
         except urllib3.exceptions.HTTPError:
             return False

@@ -14,21 +14,17 @@ llm-gateway-orchestrator:compose-test and kept, so the next run builds from cach
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import docker
 import pytest
 import urllib3
 
 from runtimes.backends.docker import HF_MOUNT, LABEL_MODEL, LABEL_ORCHESTRATOR
-from tests.harness import REPO, ensure_dockerd, free_port, wait_for
+from tests.compose_stack import ComposeStack, containers, prepare_local_images
+from tests.harness import ensure_dockerd, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -36,9 +32,6 @@ RUN = uuid.uuid4().hex[:8]
 PROJECT = f"llmgwtest{RUN}"
 ORCHESTRATOR_ID = f"compose-test-{RUN}"
 NETWORK = f"llm-gw-compose-{RUN}"
-IMAGE = "llm-gateway-orchestrator:compose-test"
-BASE_IMAGE = os.environ.get("BASE_IMAGE", "llm-gateway-base:bookworm")
-REDIS_IMAGE = os.environ.get("REDIS_IMAGE", "llm-gateway-redis:bookworm")
 FLOWER_AUTH = ("flower-admin", f"pw-{RUN}")
 
 REALTIME_DEMO = {"model": "synquid/gemma-3-27b-it-FP8", "prompt": "hello", "max_tokens": 16}
@@ -46,94 +39,8 @@ BATCH_DEMO = {"model": "mistralai/Mistral-7B-Instruct-v0.1",
               "prompt": "Write a haiku about snow.", "max_tokens": 32, "priority": 1}
 
 
-def _compose_cli() -> list[str]:
-    """The README's `docker-compose` (v1) when installed, else the `docker compose` plugin."""
-    if os.environ.get("COMPOSE"):
-        return os.environ["COMPOSE"].split()
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    pytest.fail("neither docker-compose nor the docker compose plugin is installed "
-                "(apt-get install docker-compose)")
-
-
-def _env_file(example: Path, overrides: dict[str, str]) -> str:
-    """The example's lines with `overrides` put in place of its values (new keys at the end)."""
-    lines, seen = [], set()
-    for line in example.read_text().splitlines():
-        key = line.split("=", 1)[0]
-        if "=" in line and not line.startswith("#") and key in overrides:
-            line = f"{key}={overrides[key]}"
-            seen.add(key)
-        lines.append(line)
-    lines += [f"{key}={value}" for key, value in overrides.items() if key not in seen]
-    return "\n".join(lines) + "\n"
-
-
-class ComposeStack:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.cli = _compose_cli()
-        self.web_port, self.flower_port, self.redis_port = free_port(), free_port(), free_port()
-        self.env_path = workdir / "env"
-        hf_cache = workdir / "hf-cache"
-        hf_cache.mkdir()
-        keys = workdir / "auth.keys.json"
-        shutil.copy(REPO / "config" / "example.keys.json", keys)  # README step 3
-        # What differs from .env.vllm.example: the sim engine on a machine without GPUs, and
-        # names and ports of this test's own, so it never meets a real deployment on this host.
-        settings = {
-            "RUNTIME_TYPE": "sim",
-            "RUNTIME_BACKEND": "docker",
-            "ORCHESTRATOR_ID": ORCHESTRATOR_ID,
-            "RUNTIME_DOCKER_NETWORK": NETWORK,
-            "HF_HOME_HOST": str(hf_cache),
-            "WEB_PORT": str(self.web_port),
-            "FLOWER_PORT": str(self.flower_port),
-            "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH),
-            "REDIS_PORT": str(self.redis_port),
-            "AUTH_KEYS_HOST_FILE": str(keys),
-            "BASE_IMAGE": BASE_IMAGE,
-            "REDIS_IMAGE": REDIS_IMAGE,
-            "ORCHESTRATOR_IMAGE": IMAGE,
-        }
-        self.env_path.write_text(_env_file(REPO / ".env.vllm.example", settings))  # step 2
-        # The same values in the environment, which wins over any env file when compose fills in
-        # docker-compose.yml: a variable of the caller's shell must not change the test.
-        self.env = {**os.environ, **settings, "ENV_FILE": str(self.env_path),
-                    "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0"}
-        self.base_url = f"http://127.0.0.1:{self.web_port}"
-        self.http = urllib3.PoolManager(retries=False)
-
-    def compose(self, *args: str, timeout: float = 300, check: bool = True):
-        argv = [*self.cli, "--env-file", str(self.env_path), "-p", PROJECT,
-                "-f", str(REPO / "docker-compose.yml"), *args]
-        result = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
-        with open(self.workdir / "compose.log", "a") as log:
-            log.write(f"$ {' '.join(argv)}\n{result.stdout}{result.stderr}\n")
-        if check and result.returncode != 0:
-            pytest.fail(f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n"
-                        f"{result.stderr[-3000:]}")
-        return result
-
-    def logs(self, service: str = "", tail: int = 60) -> str:
-        args = ["logs", "--no-color", "--tail", str(tail)]
-        return self.compose(*args, *([service] if service else []), check=False).stdout
-
-    def request(self, method: str, path: str, token: str | None = None,
-                body: dict | None = None, timeout: float = 30):
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return self.http.request(method, f"{self.base_url}{path}", headers=headers,
-                                 body=json.dumps(body).encode() if body is not None else None,
-                                 timeout=timeout)
-
-
 def _containers(client: docker.DockerClient, label: str) -> list:
-    return client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
+    return containers(client, label)
 
 
 def _engines(client: docker.DockerClient) -> list:
@@ -155,29 +62,18 @@ def docker_client(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(docker_client, tmp_path_factory):
     """`docker-compose up -d --build` on local images; `down -v` and a sweep at the end."""
-    prepare = subprocess.run([str(REPO / "scripts" / "compose-local-images.sh")],
-                             capture_output=True, text=True, timeout=1800,
-                             env={**os.environ, "BASE_IMAGE": BASE_IMAGE,
-                                  "REDIS_IMAGE": REDIS_IMAGE})
-    if prepare.returncode != 0:
-        pytest.fail(f"scripts/compose-local-images.sh failed:\n{prepare.stdout}\n{prepare.stderr}")
-    stack = ComposeStack(tmp_path_factory.mktemp("compose"))
+    prepare_local_images()
+    stack = ComposeStack(tmp_path_factory.mktemp("compose"), RUN, FLOWER_AUTH)
     try:
         started = time.monotonic()
         stack.compose("up", "-d", "--build", timeout=1200)
         print(f"compose up --build took {time.monotonic() - started:.0f} s")
-        wait_for(lambda: _status(stack, "/healthz") == 200, 120, interval=0.5,
+        wait_for(lambda: stack.status("/healthz") == 200, 120, interval=0.5,
                  what=f"web on {stack.base_url}/healthz\n{stack.logs('web')}")
         yield stack
     finally:
         print(f"--- compose logs (tail) ---\n{stack.logs(tail=40)}")
-        stack.compose("down", "-v", "--remove-orphans", "-t", "30", check=False, timeout=300)
-        # Whatever a failed test left behind goes now.
-        for container in _engines(docker_client) + _containers(
-                docker_client, f"com.docker.compose.project={PROJECT}"):
-            container.remove(force=True)
-        for network in docker_client.networks.list(names=[NETWORK]):
-            network.remove()
+        stack.remove_leftovers(docker_client)
         _prune_old_builds(docker_client)
 
 
@@ -193,13 +89,6 @@ def _prune_old_builds(client: docker.DockerClient) -> None:
             client.images.remove(image.id)
         except docker.errors.APIError:
             pass  # in use by a build running now
-
-
-def _status(stack: ComposeStack, path: str) -> int:
-    try:
-        return stack.request("GET", path, timeout=2).status
-    except urllib3.exceptions.HTTPError:
-        return 0
 
 
 def test_realtime_demo_answers_503_with_retry_after_then_200(stack, docker_client):

@@ -39,19 +39,12 @@ def ha_redis(tmp_path_factory):
     try:
         for sentinel in sentinels:
             sentinel.start()
-        wait_for(lambda: all(_watching(s) for s in sentinels), 30, interval=0.2,
+        wait_for(lambda: all(s.watching() for s in sentinels), 30, interval=0.2,
                  what="three Sentinels that know each other and the replica")
         yield primary, replica, sentinels
     finally:
         for server in (*sentinels, replica, primary):
             server.stop()
-
-
-def _watching(sentinel: RedisSentinel) -> bool:
-    """The Sentinel sees the replica and both other Sentinels, so a failover can happen."""
-    reply = sentinel.command(b"SENTINEL master mymaster").decode(errors="replace").split("\r\n")
-    fields = dict(zip(reply[2::4], reply[4::4], strict=False))
-    return fields.get("num-slaves") == "1" and fields.get("num-other-sentinels") == "2"
 
 
 @pytest.fixture(scope="module")
