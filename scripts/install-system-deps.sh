@@ -19,6 +19,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 # two installs of it from running at once.
 ldconfig -p | grep -q 'libnuma\.so\.1 ' || need+=(libnuma1)
 command -v flock >/dev/null || need+=(util-linux)
+# The test of several hosts puts each in a network namespace of its own (ip netns, veth, bridge).
+command -v ip >/dev/null || need+=(iproute2)
 # `make bench` loads the gateway with wrk.
 command -v wrk >/dev/null || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
