@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import openai
@@ -114,3 +115,31 @@ def test_tokens_never_reach_the_logs(stack):
         log = stack.log_path(name).read_text(errors="replace")
         for token in (*TOKENS.values(), "not-a-real-token-zzz"):
             assert token not in log, f"{token} found in {name} log"
+
+
+def test_every_documented_route_checks_its_key_and_scope(stack):
+    """The matrix over /openapi.json: every route that names scopes answers 401 without a key
+    and 403 to a key holding none of them (before it reads anything), whatever its path."""
+    doc = urllib3.request("GET", f"{stack.base_url}/openapi.json").json()
+    one_scope = {scope: TOKENS[scope] for scope in ("realtime", "batch", "upload", "eval",
+                                                    "monitor")}
+    checked = 0
+    for path, operations in doc["paths"].items():
+        concrete = re.sub(r"\{[^}]+\}", "x1", path)
+        for method, operation in operations.items():
+            scopes = operation.get("x-required-scopes")
+            if not scopes:
+                continue
+            body = b"{}" if method in ("post", "put", "patch") else None
+            headers = {"Content-Type": "application/json"}
+            missing = urllib3.request(method.upper(), f"{stack.base_url}{concrete}", body=body,
+                                      headers=headers, retries=False)
+            assert missing.status == 401, (method, path, missing.status)
+            others = [s for s in one_scope if s not in scopes]
+            if others:
+                refused = urllib3.request(
+                    method.upper(), f"{stack.base_url}{concrete}", body=body, retries=False,
+                    headers={**headers, "Authorization": f"Bearer {one_scope[others[0]]}"})
+                assert refused.status == 403, (method, path, others[0], refused.status)
+            checked += 1
+    assert checked >= 40
