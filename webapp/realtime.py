@@ -1,10 +1,13 @@
 """The realtime API: `/v1/completions`, `/v1/chat/completions` (plain and streamed), `/v1/models`
-and `/v1/models/{id}`.
+and `/v1/models/{id}`; and `forward()`, the path of every engine route (`webapp.engine_api`,
+`webapp.messages`).
 
-A call is checked (key, scope, model, body), routed to a ready instance of its model and
-forwarded as sent (save for `priority`, which the gateway sets: `runtimes.engine_priority`); a
-model with no ready instance goes through `coldstart`. This is the hot path:
-no Redis round trip unless the key has limits or the model is cold.
+A call is checked (key, scope, model and its kind, body), routed to a ready instance of its
+model (a LoRA adapter's base, with the adapter loaded; an upstream's fixed record) and forwarded
+as sent, save for `priority`, which the gateway sets (`runtimes.engine_priority`), and a
+stream's `stream_options.include_usage` (`webapp.metering`). A model with no ready instance goes
+through `coldstart`, or to its fallback for keys that opt in. This is the hot path: no Redis
+round trip unless the key has limits or budgets, or the model is cold or an adapter.
 """
 
 from __future__ import annotations
@@ -214,6 +217,7 @@ def _send(gw: Gateway, call: _Call, release_lease) -> Response:
         if b"does not exist" not in data:
             if release_lease is not None:
                 release_lease()
+            call.meter.whole(b"")  # counted, and its budget reservation settled
             return _whole(call, 404, data, "application/json")
         gw.adapters.reload(record, call.spec, call.adapter)
         record, call, upstream = _open_upstream(gw, call)
