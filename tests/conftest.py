@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import docker
 import openai
 import pytest
 import redis as redis_lib
@@ -95,6 +96,19 @@ def redis_db(redis_server):
     client.flushdb()
     yield client
     client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def docker_client(tmp_path_factory):
+    """A Docker engine that answers (started here when we are root), as a docker SDK client;
+    never skips (tests/test_compose.py, tests/test_compose_ha.py)."""
+    try:
+        ensure_dockerd(tmp_path_factory.mktemp("dockerd"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    client = docker.from_env()
+    yield client
+    client.close()
 
 
 SIM_IMAGE = "llm-gateway-sim:latest"

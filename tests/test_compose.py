@@ -24,7 +24,7 @@ import urllib3
 
 from runtimes.backends.docker import HF_MOUNT, LABEL_MODEL, LABEL_ORCHESTRATOR
 from tests.compose_stack import ComposeStack, containers, prepare_local_images
-from tests.harness import ensure_dockerd, wait_for
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -46,17 +46,6 @@ def _containers(client: docker.DockerClient, label: str) -> list:
 def _engines(client: docker.DockerClient) -> list:
     return _containers(client, f"{LABEL_ORCHESTRATOR}={ORCHESTRATOR_ID}")
 
-
-@pytest.fixture(scope="module")
-def docker_client(tmp_path_factory):
-    """A Docker engine that answers (started here when we are root); never skips."""
-    try:
-        ensure_dockerd(tmp_path_factory.mktemp("dockerd"))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    client = docker.from_env()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import urllib3
 
 from tests.compose_stack import ComposeStack, prepare_local_images
-from tests.harness import ensure_dockerd, wait_for
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -29,16 +29,6 @@ SENTINELS = "sentinel://sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://
 REALTIME = {"model": "synquid/gemma-3-27b-it-FP8", "prompt": "hello", "max_tokens": 4}
 BATCH = {"model": "mistralai/Mistral-7B-Instruct-v0.1", "prompt": "snow", "max_tokens": 8}
 
-
-@pytest.fixture(scope="module")
-def docker_client(tmp_path_factory):
-    try:
-        ensure_dockerd(tmp_path_factory.mktemp("dockerd"))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    client = docker.from_env()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")
