@@ -14,6 +14,10 @@ from services import Services
 from tasks.periodic_logs import quiet_periodic_task_lines
 from tasks.sentinel_transport import use_safe_sentinel_transport
 
+# Seconds a broker or result-backend command waits on a silent Redis (under Sentinel): above
+# kombu's 1 s BRPOP poll, well under TCP's own give-up.
+BROKER_SOCKET_TIMEOUT = 10.0
+
 
 class GatewayCelery(Celery):
     def __init__(self, settings: Settings, services: Services | None = None):
@@ -28,8 +32,14 @@ class GatewayCelery(Celery):
             # named here, and again after a connection to it fails.
             url = settings.redis_sentinel.celery_url()
             use_safe_sentinel_transport()
+            # A master lost with its machine (a container SIGKILLed, a host gone) sends no
+            # reset: without a socket timeout, a publisher blocked on its reply (beat) would
+            # wait for TCP to give up, many minutes; with one it asks the Sentinels again.
             sentinel_options = {"master_name": settings.redis_sentinel_master,
-                                "sentinel_kwargs": {"socket_timeout": 1.0}}
+                                "sentinel_kwargs": {"socket_timeout": 1.0},
+                                "socket_timeout": BROKER_SOCKET_TIMEOUT,
+                                "socket_connect_timeout": BROKER_SOCKET_TIMEOUT,
+                                "socket_keepalive": True}
             broker_options.update(sentinel_options)
             backend_options = dict(sentinel_options)
         self.conf.update(
